@@ -1,0 +1,86 @@
+"""Orbax checkpoints of a run: train state (params, EMA, optimizer, RNG, step), the data iterator's
+position and the resolved config, in one `CheckpointManager` step directory.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run that
+dies mid-save leaves the previous checkpoint intact. Every process takes part in saves and
+restores (each writes its own shards and its own iterator state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from imdm_jax import config as config_lib
+from imdm_jax.errors import UserError
+
+# Sections that define what a checkpoint *is*; a restore under different values is refused.
+ARCHITECTURE_SECTIONS = ('model',)
+DATA_KEYS = ('source', 'seq_len', 'wrap', 'tokenizer', 'val_split')
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int = 2, save_every: int = 1):
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, cfg: config_lib.Config, data_iter=None,
+           force: bool = False) -> bool:
+    items = {'state': ocp.args.StandardSave(state),
+             'config': ocp.args.JsonSave(config_lib.to_dict(cfg))}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def saved_config(self, step: int | None = None) -> config_lib.Config:
+    step = self.latest_step() if step is None else step
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_lib.from_dict(restored.config)
+
+  def restore(self, abstract_state, data_iter=None, step: int | None = None):
+    """Restores into `abstract_state` (ShapeDtypeStructs with shardings on the live mesh) and, if
+    given, moves `data_iter` to the saved position. Returns the state."""
+    step = self.latest_step() if step is None else step
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_compatible(saved: config_lib.Config, cfg: config_lib.Config, where: str) -> None:
+  """Refuses to resume a run whose network or data differ from the checkpoint's."""
+  saved_d, cfg_d = config_lib.to_dict(saved), config_lib.to_dict(cfg)
+  keys = [(s, k) for s in ARCHITECTURE_SECTIONS for k in cfg_d[s]]
+  keys += [('data', k) for k in DATA_KEYS]
+  for section, key in keys:
+    if saved_d[section][key] != cfg_d[section][key]:
+      raise UserError(f'{where} holds a checkpoint with {section}.{key}='
+                      f'{saved_d[section][key]!r}, not {cfg_d[section][key]!r} (use another '
+                      'workdir, or the saved value)')
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Only process 0 writes; a crash mid-write leaves the old file (rename is atomic)."""
+  if jax.process_index() != 0:
+    return
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,53 @@
+"""Batches for training (grain, shuffled, checkpointable) and evaluation (a fixed, exact pass).
+
+Each process reads only its own shard of the rows (`rows[process_index::process_count]`) and
+produces its local slice of the global batch; `sharding.to_global` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from imdm_jax.errors import UserError
+
+
+def local_batch_size(global_batch: int) -> int:
+  n_proc, n_dev = jax.process_count(), jax.device_count()
+  if global_batch % n_dev:
+    raise UserError(f'train.batch_size={global_batch} is not divisible by the {n_dev} devices')
+  return global_batch // n_proc
+
+
+def train_iterator(rows: Sequence[dict], global_batch: int, seed: int):
+  """An endless, per-epoch reshuffled iterator of local batches whose position can be saved and
+  restored with `grain.checkpoint` (the state is a few integers, not the data)."""
+  local = local_batch_size(global_batch)
+  shard = grain.MapDataset.source(rows)[jax.process_index()::jax.process_count()]
+  if len(shard) < local:
+    raise UserError(f'the training split has {len(rows)} rows, fewer than a batch of {global_batch}')
+  return iter(shard.shuffle(seed=seed).repeat().batch(local, drop_remainder=True))
+
+
+def eval_batches(rows: Sequence[dict], global_batch: int,
+                 max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Every row once (or the first `max_batches` global batches), in order. The last batch is
+  filled with rows whose attention mask is all zero, so no row is dropped or counted twice and
+  every process yields the same number of batches."""
+  local = local_batch_size(global_batch)
+  n_batches = -(-len(rows) // global_batch)
+  if max_batches:
+    n_batches = min(n_batches, max_batches)
+  template = rows[0]
+  for b in range(n_batches):
+    start = b * global_batch + jax.process_index() * local
+    batch = []
+    for i in range(start, start + local):
+      if i < len(rows):
+        batch.append(rows[i])
+      else:
+        batch.append({k: np.zeros_like(v) for k, v in template.items()})
+    yield {k: np.stack([r[k] for r in batch]) for k in template}

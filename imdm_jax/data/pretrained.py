@@ -1,0 +1,58 @@
+"""The vocabularies of ported PyTorch weights: GPT-2 BPE and bert-base-uncased WordPiece.
+
+Loaded from local files (`data.tokenizer_path`: a directory or file) with the `tokenizers`
+library; never downloaded at run time. Ids follow reference_checkpoints.md:
+GPT-2 `V = 50258`, mask appended at 50257, BOS = EOS = 50256 (the reference pads with the mask
+id; we pad with 50256 — padding never reaches the loss, rows carry an explicit attention mask);
+BERT `V = 30522`, mask 103 (`[MASK]`), BOS/EOS = `[CLS]`/`[SEP]`, pad 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+from imdm_jax.errors import UserError
+
+
+class _HFTokenizer:
+  """Adapts a `tokenizers.Tokenizer` to the project's `Tokenizer` interface."""
+
+  def __init__(self, tok, name: str, vocab_size: int, bos: int, eos: int, pad: int, mask: int):
+    self._tok, self.name, self.vocab_size = tok, name, vocab_size
+    self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos, eos, pad, mask
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids: list[int]) -> str:
+    special = {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
+    return self._tok.decode([int(i) for i in ids if int(i) not in special])
+
+
+def _find(path: str, *names: str) -> list[str]:
+  files = [os.path.join(path, n) if os.path.isdir(path) else path for n in names]
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise UserError(f'tokenizer file not found: {missing[0]} (set data.tokenizer_path)')
+  return files
+
+
+def load(name: str, path: str):
+  try:
+    import tokenizers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError(f'tokenizer {name!r} needs the `tokenizers` package') from None
+  path = os.path.expanduser(path)
+  if name == 'bert-base-uncased':
+    (vocab,) = _find(path, 'vocab.txt')
+    tok = tokenizers.BertWordPieceTokenizer(vocab, lowercase=True)
+    size = tok.get_vocab_size()
+    ids = {s: tok.token_to_id(s) for s in ('[CLS]', '[SEP]', '[PAD]', '[MASK]')}
+    return _HFTokenizer(tok, name, size, ids['[CLS]'], ids['[SEP]'], ids['[PAD]'], ids['[MASK]'])
+  if name == 'gpt2':
+    vocab, merges = _find(path, 'vocab.json', 'merges.txt')
+    tok = tokenizers.ByteLevelBPETokenizer(vocab, merges)
+    eot = tok.token_to_id('<|endoftext|>')
+    n = tok.get_vocab_size()
+    return _HFTokenizer(tok, name, n + 1, eot, eot, eot, n)
+  raise UserError(f'unknown tokenizer {name!r}; known: sentencepiece, gpt2, bert-base-uncased')

@@ -1,0 +1,81 @@
+"""Tokenizers behind one small interface, so that any vocabulary plugs into data and sampling.
+
+`sentencepiece` models are trained on the corpus on first use and cached in `data_dir`; the mask
+token is appended after the trained vocabulary. Ported weights come with their own vocabularies
+(GPT-2 BPE, bert-base-uncased WordPiece): `pretrained.py` loads those from local files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, Protocol
+
+import sentencepiece as spm
+
+from imdm_jax.errors import UserError
+
+
+class Tokenizer(Protocol):
+  vocab_size: int  # V, the mask token included
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  mask_id: int
+  name: str  # identifies the vocabulary (used in cache keys)
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without BOS/EOS."""
+
+  def decode(self, ids: list[int]) -> str:
+    """Text of ids; special tokens (BOS/EOS/pad/mask) are dropped."""
+
+
+class SentencePieceTokenizer:
+  """A trained sentencepiece model (pad 0, unk 1, bos 2, eos 3) plus a mask id at the end."""
+
+  def __init__(self, model_path: str):
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+    self.mask_id = self._sp.get_piece_size()
+    self.vocab_size = self.mask_id + 1
+    with open(model_path, 'rb') as f:
+      self.name = f'sp-{hashlib.sha1(f.read()).hexdigest()[:10]}'
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts)
+
+  def decode(self, ids: list[int]) -> str:
+    special = {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
+    return self._sp.decode([int(i) for i in ids if int(i) not in special])
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str) -> None:
+  """Trains a unigram model of `vocab_size` pieces (mask excluded); byte fallback means any text
+  can be encoded. Written to a temporary name first so an interrupted run leaves no bad model."""
+  os.makedirs(os.path.dirname(model_path), exist_ok=True)
+  prefix = model_path[:-len('.model')] + f'.tmp{os.getpid()}'
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(t for t in texts if t.strip()), model_prefix=prefix,
+      vocab_size=vocab_size, model_type='unigram', character_coverage=1.0, byte_fallback=True,
+      pad_id=0, unk_id=1, bos_id=2, eos_id=3, input_sentence_size=2_000_000,
+      shuffle_input_sentence=True, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+      minloglevel=2)
+  os.replace(prefix + '.model', model_path)
+  os.remove(prefix + '.vocab')
+
+
+def load_tokenizer(name: str, vocab_size: int, cache_dir: str, corpus_id: str,
+                   training_texts, local_path: str = '') -> Tokenizer:
+  """The tokenizer a run asks for. `training_texts()` yields the corpus if one must be trained."""
+  if name == 'sentencepiece':
+    path = os.path.join(cache_dir, 'tokenizers', f'{corpus_id}-sp{vocab_size - 1}.model')
+    if not os.path.exists(path):
+      try:
+        train_sentencepiece(training_texts(), vocab_size - 1, path)
+      except RuntimeError as e:
+        raise UserError(f'cannot train a {vocab_size - 1}-piece sentencepiece model on '
+                        f'{corpus_id}: {str(e).splitlines()[-1]}') from None
+    return SentencePieceTokenizer(path)
+  from imdm_jax.data import pretrained  # pylint: disable=g-import-not-at-top
+  return pretrained.load(name, local_path)

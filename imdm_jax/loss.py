@@ -1,0 +1,45 @@
+"""SUBS parameterisation and the continuous-time NELBO (method.md §1)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+NEG_INF = -1e6  # the reference's "-infinity": finite, so 0 * NEG_INF stays 0
+
+
+def subs_log_probs(logits: Float[Array, 'B L V'], z_t: Int[Array, 'B L'],
+                   mask_id: int) -> Float[Array, 'B L V']:
+  """log x_theta(z_t): the mask is never predicted, and unmasked positions carry their token over.
+
+  At a position holding a data token the row is a one-hot in log space (0 on the observed token,
+  NEG_INF elsewhere): the reverse process never changes a revealed token.
+  """
+  logits = logits.astype(jnp.float32)
+  logits = logits + NEG_INF * jax.nn.one_hot(mask_id, logits.shape[-1], dtype=logits.dtype)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  carry = jnp.where(jax.nn.one_hot(z_t, logits.shape[-1], dtype=jnp.bool_), 0.0, NEG_INF)
+  return jnp.where((z_t == mask_id)[..., None], log_probs, carry)
+
+
+def nelbo_per_token(log_probs: Float[Array, 'B L V'], x: Int[Array, 'B L'],
+                    t: Float[Array, 'B']) -> Float[Array, 'B L']:
+  """`(1/t) * (-log x_theta[x])`: the NELBO weight `-alpha'(t)/(1 - alpha(t))` is exactly 1/t for
+  the log-linear schedule. Unmasked positions contribute 0 through the SUBS carry-over."""
+  log_p = jnp.take_along_axis(log_probs, x[..., None], axis=-1)[..., 0]
+  return -log_p / t[:, None]
+
+
+def nelbo(logits: Float[Array, 'B L V'], x: Int[Array, 'B L'], z_t: Int[Array, 'B L'],
+          t: Float[Array, 'B'], valid: Int[Array, 'B L'],
+          mask_id: int) -> tuple[Float[Array, ''], Float[Array, '']]:
+  """Returns (sum of per-token NELBO over valid tokens, number of valid tokens).
+
+  Dividing the two gives the reference's reduction: padding is excluded from both, masked and
+  unmasked valid tokens alike are counted. Sums (not means) let callers aggregate exactly over
+  batches and devices.
+  """
+  per_token = nelbo_per_token(subs_log_probs(logits, z_t, mask_id), x, t)
+  valid = valid.astype(jnp.float32)
+  return jnp.sum(per_token * valid), jnp.sum(valid)

@@ -1,0 +1,38 @@
+"""Metrics to `workdir/metrics.jsonl` (one JSON object per line) and to TensorBoard when the
+`tensorboardX` package is installed. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._active = jax.process_index() == 0
+    self._tb = None
+    if self._active:
+      try:
+        import tensorboardX  # pylint: disable=g-import-not-at-top
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:
+        pass
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    if not self._active:
+      return
+    record = {'step': step, 'time': time.time(), **{k: float(v) for k, v in values.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, float(v), step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,209 @@
+"""The MDLM denoiser: a diffusion transformer ("DiT") with adaLN, rotary attention and SUBS output.
+
+Written from `reference_checkpoints.md`; attribute names mirror the PyTorch state-dict keys
+(`blocks.{i}.attn_qkv`, `adaLN_modulation`, ...) so that `convert` maps each tensor 1:1 (PyTorch
+Linear weights are `[out, in]`, ours `[in, out]`). With `noise_dim > 0` the input embedding adds
+the IMDM mask-noise MLP `1[z = mask] * MLP(eps)` (method.md §2); with `noise_dim = 0` the network
+is exactly MDLM. One class serves both.
+
+Randomness is explicit: dropout takes a key at call time, so the module can be `nnx.merge`d
+inside a plain `jax.jit` + `jax.grad` (see stack_notes.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from imdm_jax.config import ModelConfig
+
+LN_EPS = 1e-5
+ROPE_BASE = 10_000.0
+FREQ_DIM = 256  # sinusoidal features of sigma
+
+
+def _torch_linear(rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool = True,
+                  zero: bool = False) -> nnx.Linear:
+  """nn.Linear with PyTorch's default init (uniform, bound 1/sqrt(fan_in)), or all zeros."""
+  bound = 1.0 / math.sqrt(d_in)
+  uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+  init = nnx.initializers.zeros if zero else uniform
+  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, bias_init=init, rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """Weight-only LayerNorm in float32 (the reference has no bias, eps 1e-5)."""
+
+  def __init__(self, dim: int):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: Float[Array, '... d']) -> Float[Array, '... d']:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * self.weight[...]).astype(x.dtype)
+
+
+def modulate(x: Float[Array, 'B L d'], shift: Float[Array, 'B 1 d'],
+             scale: Float[Array, 'B 1 d']) -> Float[Array, 'B L d']:
+  return x * (1.0 + scale) + shift
+
+
+def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def timestep_features(sigma: Float[Array, 'B']) -> Float[Array, 'B 256']:
+  """Sinusoidal features, cosine half first, frequencies exp(-ln(10000) k / 128)."""
+  half = FREQ_DIM // 2
+  freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = sigma[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rotary_inv_freq(head_dim: int) -> Float[Array, 'Dh/2']:
+  return 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rotary(x: Float[Array, 'B L H Dh'], positions: Int[Array, 'L']) -> Float[Array, 'B L H Dh']:
+  """Rotate-half (non-interleaved) rotary embedding over the full head dimension."""
+  freqs = positions[:, None].astype(jnp.float32) * rotary_inv_freq(x.shape[-1])[None]  # [L, Dh/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]  # [1, L, 1, Dh]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+def attention(q: Float[Array, 'B L H Dh'], k: Float[Array, 'B L H Dh'],
+              v: Float[Array, 'B L H Dh'], softcap: float) -> Float[Array, 'B L H Dh']:
+  """Full bidirectional softmax attention, no mask (padding is attended to, as in the reference)."""
+  logits = jnp.einsum('blhd,bmhd->bhlm', q, k) / math.sqrt(q.shape[-1])  # [B, H, L, L]
+  if softcap > 0:
+    logits = softcap * jnp.tanh(logits / softcap)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhlm,bmhd->blhd', probs, v)
+
+
+class SigmaMap(nnx.Module):
+  """`c = SiLU(MLP(freq(sigma)))` with `MLP = Linear(256 -> C) -> SiLU -> Linear(C -> C)`."""
+
+  def __init__(self, cond_dim: int, rngs: nnx.Rngs):
+    self.mlp_in = _torch_linear(rngs, FREQ_DIM, cond_dim)
+    self.mlp_out = _torch_linear(rngs, cond_dim, cond_dim)
+
+  def __call__(self, sigma: Float[Array, 'B']) -> Float[Array, 'B C']:
+    return jax.nn.silu(self.mlp_out(jax.nn.silu(self.mlp_in(timestep_features(sigma)))))
+
+
+class MaskNoiseEmbedding(nnx.Module):
+  """IMDM's `MLP(eps)`: Linear(D -> 4d, bias) -> exact GELU -> Linear(4d -> d, no bias).
+
+  The second layer starts at zero so that a fresh IMDM computes exactly the MDLM it extends.
+  """
+
+  def __init__(self, noise_dim: int, hidden_size: int, rngs: nnx.Rngs):
+    init = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0, upper=2.0)
+    self.mlp_in = nnx.Linear(noise_dim, 4 * hidden_size, kernel_init=init,
+                             bias_init=nnx.initializers.zeros, rngs=rngs)
+    self.mlp_out = nnx.Linear(4 * hidden_size, hidden_size, use_bias=False,
+                              kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def __call__(self, eps: Float[Array, 'B L D']) -> Float[Array, 'B L d']:
+    return self.mlp_out(jax.nn.gelu(self.mlp_in(eps), approximate=False))
+
+
+class VocabEmbedding(nnx.Module):
+
+  def __init__(self, vocab_size: int, hidden_size: int, noise_dim: int, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(hidden_size)  # torch's kaiming_uniform(a=sqrt(5)) on [V, d]
+    self.embedding = nnx.Param(jax.random.uniform(
+        rngs.params(), (vocab_size, hidden_size), jnp.float32, -bound, bound))
+    self.imdm_mlp = MaskNoiseEmbedding(noise_dim, hidden_size, rngs) if noise_dim else None
+
+  def __call__(self, z: Int[Array, 'B L'], mask_id: int,
+               eps: Float[Array, 'B L D'] | None) -> Float[Array, 'B L d']:
+    h = jnp.take(self.embedding[...], z, axis=0)
+    if self.imdm_mlp is not None:
+      if eps is None:
+        raise ValueError('an IMDM denoiser needs the mask noise eps [B, L, D]')
+      h = h + jnp.where((z == mask_id)[..., None], self.imdm_mlp(eps), 0.0)
+    return h
+
+
+class DDiTBlock(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.n_heads, self.dropout, self.softcap = cfg.n_heads, cfg.dropout, cfg.attn_softcap
+    self.norm1 = LayerNorm(d)
+    self.attn_qkv = _torch_linear(rngs, d, 3 * d, bias=False)
+    self.attn_out = _torch_linear(rngs, d, d, bias=False)
+    self.norm2 = LayerNorm(d)
+    self.mlp_in = _torch_linear(rngs, d, cfg.mlp_ratio * d)
+    self.mlp_out = _torch_linear(rngs, cfg.mlp_ratio * d, d)
+    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 6 * d, zero=True)
+
+  def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, 'B C'],
+               dropout_key: PRNGKeyArray | None) -> Float[Array, 'B L d']:
+    B, L, d = x.shape
+    k_attn, k_mlp = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
+        self.adaLN_modulation(c)[:, None, :], 6, axis=-1)  # 6 x [B, 1, d]
+
+    h = modulate(self.norm1(x), shift1, scale1)
+    qkv = self.attn_qkv(h).reshape(B, L, 3, self.n_heads, d // self.n_heads)  # (3, H, Dh) layout
+    positions = jnp.arange(L)
+    q, k = apply_rotary(qkv[:, :, 0], positions), apply_rotary(qkv[:, :, 1], positions)
+    attn = attention(q, k, qkv[:, :, 2], self.softcap).reshape(B, L, d)  # heads-outer (H, Dh)
+    x = x + gate1 * dropout(self.attn_out(attn), self.dropout, k_attn)
+
+    h = modulate(self.norm2(x), shift2, scale2)
+    h = self.mlp_out(jax.nn.gelu(self.mlp_in(h), approximate=True))
+    return x + gate2 * dropout(h, self.dropout, k_mlp)
+
+
+class FinalLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.norm_final = LayerNorm(cfg.hidden_size)
+    self.linear = _torch_linear(rngs, cfg.hidden_size, cfg.vocab_size, zero=True)
+    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 2 * cfg.hidden_size, zero=True)
+
+  def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, 'B C']) -> Float[Array, 'B L V']:
+    shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
+    return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nnx.Module):
+  """The denoiser network: tokens (and mask noise) in, raw logits `[B, L, V]` out."""
+
+  def __init__(self, cfg: ModelConfig, mask_id: int, rngs: nnx.Rngs):
+    self.cfg, self.mask_id = cfg, mask_id
+    self.vocab_embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.noise_dim, rngs)
+    self.sigma_map = SigmaMap(cfg.cond_dim, rngs)
+    self.blocks = nnx.List([DDiTBlock(cfg, rngs) for _ in range(cfg.n_blocks)])
+    self.output_layer = FinalLayer(cfg, rngs)
+
+  def __call__(self, z_t: Int[Array, 'B L'], sigma: Float[Array, 'B'] | None = None,
+               eps: Float[Array, 'B L D'] | None = None,
+               dropout_key: PRNGKeyArray | None = None) -> Float[Array, 'B L V']:
+    """`sigma` is only read when `time_conditioning`; otherwise the model sees sigma = 0, like the
+    released checkpoints, and `c` is one constant vector shared by the batch."""
+    x = self.vocab_embed(z_t, self.mask_id, eps)
+    if self.cfg.time_conditioning:
+      if sigma is None:
+        raise ValueError('a time-conditioned denoiser needs sigma [B]')
+      c = self.sigma_map(sigma)
+    else:
+      c = self.sigma_map(jnp.zeros((1,), jnp.float32))  # [1, C], broadcast over the batch
+    for i, block in enumerate(self.blocks):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      x = block(x, c, key)
+    return self.output_layer(x, c)

@@ -1,0 +1,117 @@
+"""The training loop behind `train.py`: data, state, compiled steps, evaluation, checkpoints.
+
+Resumes automatically: if `workdir/checkpoints` holds a checkpoint, its state and data position
+are restored (after checking that the network and data match) and training continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+from tqdm import tqdm
+
+from imdm_jax import checkpoint, config as config_lib, metrics, sharding, train_state, train_step
+from imdm_jax.data import pipeline, store
+
+
+@dataclasses.dataclass
+class Summary:
+  step: int
+  val_nelbo: float
+  val_ppl: float
+  workdir: str
+
+
+def evaluate(eval_fn, params, rows, cfg: config_lib.Config, mesh) -> tuple[float, float]:
+  """(NELBO per token, NELBO perplexity) over the validation rows; the same keys every time, so
+  numbers at different steps are comparable."""
+  key = jax.random.PRNGKey(cfg.train.seed + 1)
+  total = count = 0.0
+  for b, batch in enumerate(pipeline.eval_batches(rows, cfg.train.batch_size,
+                                                  cfg.train.eval_batches)):
+    out = jax.device_get(eval_fn(params, sharding.to_global(batch, mesh), jax.random.fold_in(key, b)))
+    total += float(out['nll_sum'])
+    count += float(out['count'])
+  nelbo = total / max(count, 1.0)
+  return nelbo, math.exp(min(nelbo, 50.0))
+
+
+def train(cfg: config_lib.Config, workdir: str) -> Summary:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(cfg.mesh)
+  pipeline.local_batch_size(cfg.train.batch_size)  # fail fast on an indivisible batch
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    checkpoint.check_compatible(ckpt.saved_config(latest), cfg, workdir)
+
+  data = store.prepare(cfg)
+  mask_id = data.tokenizer.mask_id
+  graphdef = train_state.model_graphdef(cfg, mask_id)
+  train_iter = pipeline.train_iterator(data.train, cfg.train.batch_size, cfg.train.seed)
+  if latest is not None:
+    state = ckpt.restore(train_state.abstract_state(cfg, mask_id, mesh), train_iter)
+  else:
+    state = train_state.init_state(cfg, mask_id, mesh)
+  checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config_lib.to_dict(cfg))
+
+  step_fn = train_step.compile_train_step(cfg, graphdef, mesh, state)
+  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, state.params)
+  writer = metrics.MetricWriter(workdir)
+  start = int(state.step)
+  if is_main:
+    print(f'{train_state.param_count(state.params):,} parameters | mesh {dict(mesh.shape)} | '
+          f'{len(data.train):,} train rows, {len(data.validation):,} validation rows | '
+          f'{"resuming at step " + str(start) if start else "fresh start"} | {workdir}')
+
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  val_nelbo = val_ppl = float('nan')
+  last_time, last_step = time.perf_counter(), start
+  bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+  for step in range(start + 1, cfg.train.num_steps + 1):
+    state, out = step_fn(state, sharding.to_global(next(train_iter), mesh))
+    bar.update(1)
+    done = step == cfg.train.num_steps
+    if step % cfg.train.log_every == 0 or done:
+      out = jax.device_get(out)
+      now = time.perf_counter()
+      rate = (step - last_step) / (now - last_time)
+      last_time, last_step = now, step
+      values = {'train/loss': out['loss'], 'train/grad_norm': out['grad_norm'],
+                'perf/steps_per_s': rate, 'perf/tokens_per_s': rate * tokens_per_step}
+      writer.write(step, values)
+      bar.set_postfix(loss=f'{out["loss"]:.3f}', steps_s=f'{rate:.2f}',
+                      tok_s=f'{rate * tokens_per_step:,.0f}')
+    if step % cfg.train.eval_every == 0 or done:
+      val_nelbo, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
+      writer.write(step, {'val/nelbo': val_nelbo, 'val/ppl': val_ppl})
+      if is_main:
+        tqdm.write(f'step {step}: validation NELBO {val_nelbo:.4f} nats/token, '
+                   f'perplexity <= {val_ppl:.2f} (EMA weights)')
+      last_time = time.perf_counter()  # keep evaluation out of the throughput numbers
+    if step % cfg.train.ckpt_every == 0 or done:
+      ckpt.save(step, state, cfg, train_iter, force=True)
+  bar.close()
+  if start >= cfg.train.num_steps:  # nothing left to train: still report where the run stands
+    val_nelbo, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  step = int(state.step)
+  if is_main:
+    print(f'done: step {step}, validation perplexity <= {val_ppl:.2f} | checkpoints '
+          f'{ckpt.directory} | metrics {writer.path} | config {os.path.join(workdir, "config.json")}')
+  return Summary(step, val_nelbo, val_ppl, workdir)
+
+
+def unigram_baseline(cfg: config_lib.Config) -> float:
+  data = store.prepare(cfg)
+  return store.unigram_perplexity(data.train, data.validation, cfg.model.vocab_size)
+

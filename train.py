@@ -1,0 +1,45 @@
+"""Train an MDLM (or IMDM) denoiser.
+
+  python train.py                                  # the `tiny` preset on the embedded corpus
+  python train.py --preset lm1b-small --workdir runs/lm1b --set train.batch_size=256
+
+Resumes from `--workdir` automatically. Bad input: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from imdm_jax import config as config_lib
+from imdm_jax import runtime
+from imdm_jax.errors import exits_cleanly
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--preset', default='tiny',
+                      help=f'one of: {", ".join(sorted(config_lib.PRESETS))} (default tiny)')
+  parser.add_argument('--set', dest='overrides', action='append', default=[],
+                      metavar='SECTION.KEY=VALUE', help='override a config value (repeatable)')
+  parser.add_argument('--workdir', default='runs/default',
+                      help='checkpoints, metrics.jsonl and config.json go here (default runs/default)')
+  parser.add_argument('--list_presets', action='store_true', help='print the presets and exit')
+  return parser.parse_args(argv)
+
+
+@exits_cleanly
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.list_presets:
+    for name, fn in sorted(config_lib.PRESETS.items()):
+      print(f'{name}: {fn.__doc__.strip()}\n')
+    return
+  runtime.setup()
+  cfg = config_lib.resolve(args.preset, args.overrides)
+  from imdm_jax import trainer  # pylint: disable=g-import-not-at-top  (after runtime.setup)
+  trainer.train(cfg, args.workdir)
+
+
+if __name__ == '__main__':
+  main()
