@@ -113,7 +113,7 @@ def tiny() -> Config:
   `python train.py` (the default). About 5 minutes on 2 CPU cores; validation NELBO perplexity
   falls well below the corpus unigram perplexity (see README, Results).
   """
-  return Config()
+  return _with(Config(), optim=dict(lr=1e-3, warmup_steps=100))
 
 
 @preset

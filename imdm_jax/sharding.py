@@ -31,12 +31,14 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r'blocks/\d+/mlp_in/kernel$', ('embed', 'mlp')),
     (r'blocks/\d+/mlp_out/kernel$', ('mlp', 'embed')),
     (r'adaLN_modulation/kernel$', ('cond', 'modulation')),
+    (r'sigma_map/mlp_in/kernel$', ('freq', 'cond')),
+    (r'sigma_map/mlp_out/kernel$', ('cond', 'cond')),
     (r'output_layer/linear/kernel$', ('embed', 'vocab')),
 )
 
 # Logical axis -> mesh axis. A mesh axis is used at most once per parameter (first dim wins).
-RULES: dict[str, str] = {'embed': 'fsdp', 'mlp': 'fsdp', 'qkv': 'fsdp', 'modulation': 'fsdp',
-                         'vocab': 'fsdp'}
+RULES: dict[str, str] = {name: 'fsdp' for name in (
+    'embed', 'mlp', 'qkv', 'modulation', 'vocab', 'cond', 'freq', 'noise')}
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:

@@ -1,0 +1,115 @@
+"""The DiT: reference sizes, bidirectionality, rotary layout, and parity with the PyTorch module."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imdm_jax import model as model_lib
+from imdm_jax import port, train_state
+from imdm_jax.config import Config, ModelConfig
+
+MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
+
+
+def _count(cfg: ModelConfig) -> int:
+  shapes = jax.eval_shape(lambda: train_state.init_params(Config(model=cfg), cfg.vocab_size - 1,
+                                                          jax.random.PRNGKey(0)))
+  return train_state.param_count(shapes)
+
+
+def test_reference_parameter_counts():
+  small = ModelConfig(vocab_size=50258, hidden_size=768, n_blocks=12, n_heads=12)
+  block = _count(dataclasses.replace(small, n_blocks=1)) - _count(dataclasses.replace(small, n_blocks=0))
+  assert block == 7_677_696  # reference_checkpoints.md
+  assert round(_count(small) / 1e6, 1) == 169.6
+  assert round(_count(dataclasses.replace(small, vocab_size=30522)) / 1e6, 1) == 139.3
+  large = dataclasses.replace(small, hidden_size=1536, n_blocks=24, n_heads=16)
+  assert round(_count(large) / 1e6, 1) == 863.2
+
+
+def _random_model(cfg: ModelConfig, seed=0) -> model_lib.DiT:
+  """A DiT whose zero-initialised layers are random too, so every path carries signal."""
+  m = model_lib.DiT(cfg, cfg.vocab_size - 1, nnx.Rngs(seed))
+  graphdef, state = nnx.split(m)
+  leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def test_fresh_model_outputs_zero_logits():
+  m = model_lib.DiT(MICRO, MICRO.vocab_size - 1, nnx.Rngs(0))
+  logits = m(jnp.zeros((2, 8), jnp.int32))
+  assert logits.shape == (2, 8, MICRO.vocab_size)
+  np.testing.assert_array_equal(logits, 0.0)  # zero-initialised output layer
+
+
+def test_bidirectional_and_attends_to_padding():
+  m = _random_model(MICRO)
+  z = jax.random.randint(jax.random.PRNGKey(0), (1, 12), 0, 36)
+  base = m(z)
+  later = z.at[0, 9].set((z[0, 9] + 1) % 36)  # change a token after position 3
+  assert not np.allclose(base[0, 3], m(later)[0, 3])
+  # there is no attention mask: a "padding" position still influences everything else
+  padded = z.at[0, 11].set(0)
+  assert not np.allclose(base[0, 0], m(padded)[0, 0])
+
+
+def test_rotary_is_relative_and_rotate_half():
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 8))
+  k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 8))
+  def score(i, j):
+    qi = model_lib.apply_rotary(jnp.broadcast_to(q, (1, 32, 1, 8)), jnp.arange(32))[0, i, 0]
+    kj = model_lib.apply_rotary(jnp.broadcast_to(k, (1, 32, 1, 8)), jnp.arange(32))[0, j, 0]
+    return float(qi @ kj)
+  np.testing.assert_allclose(score(3, 7), score(10, 14), rtol=1e-5)
+  # rotate-half: dims d and d + Dh/2 form a pair rotated by the same angle
+  x = jnp.zeros((1, 2, 1, 8)).at[0, :, 0, 0].set(1.0)
+  y = model_lib.apply_rotary(x, jnp.arange(2))[0, 1, 0]
+  np.testing.assert_allclose([y[0], y[4]], [np.cos(1.0), np.sin(1.0)], rtol=1e-6)
+
+
+def test_timestep_features_cosine_first():
+  f = model_lib.timestep_features(jnp.zeros((1,)))
+  np.testing.assert_array_equal(f[0, :128], 1.0)
+  np.testing.assert_array_equal(f[0, 128:], 0.0)
+
+
+def test_port_round_trip_names():
+  params = nnx.to_pure_dict(nnx.state(model_lib.DiT(dataclasses.replace(MICRO, noise_dim=8), 36,
+                                                    nnx.Rngs(0))))
+  sd = port.params_to_torch(params)
+  assert 'blocks.1.mlp.2.weight' in sd and 'sigma_map.mlp.0.bias' in sd
+  assert 'vocab_embed.imdm_mlp.2.weight' in sd and 'output_layer.linear.weight' in sd
+  assert sd['blocks.0.attn_qkv.weight'].shape == (96, 32)  # torch [out, in]
+  back = port.params_from_torch(sd, params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize('softcap,noise_dim,time_cond', [(0.0, 0, False), (50.0, 8, False),
+                                                         (0.0, 0, True)])
+def test_parity_with_pytorch_reference(softcap, noise_dim, time_cond):
+  torch = pytest.importorskip('torch')
+  from imdm_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(MICRO, attn_softcap=softcap, noise_dim=noise_dim,
+                            time_conditioning=time_cond)
+  m = _random_model(cfg, seed=3)
+  params = nnx.to_pure_dict(nnx.state(m))
+  ref = torch_reference.DIT(cfg, cfg.vocab_size - 1).eval()
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in port.params_to_torch(params).items()}
+  missing, unexpected = ref.load_state_dict(sd, strict=False)
+  assert list(missing) == ['rotary_emb.inv_freq'] and not unexpected
+  z = np.array(jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, cfg.vocab_size))
+  z[:, ::3] = cfg.vocab_size - 1
+  eps = np.array(jax.random.uniform(jax.random.PRNGKey(6), (2, 16, noise_dim or 1), minval=-1))
+  sigma = np.array([0.3, 1.7], np.float32)
+  with jax.default_matmul_precision('highest'):
+    ours = np.asarray(m(jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(eps) if noise_dim else None))
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(z).long(), torch.from_numpy(sigma),
+                 torch.from_numpy(eps) if noise_dim else None).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)

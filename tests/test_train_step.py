@@ -1,0 +1,110 @@
+"""The sharded train step: mesh-independence, one compilation, FSDP layout, EMA and optimizer."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from imdm_jax import sharding, train_state, train_step
+from imdm_jax.config import MeshConfig, OptimConfig
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  B, L, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
+  mask = np.ones((B, L), np.int32)
+  mask[:, L - 5:] = 0  # some padding, excluded from the loss
+  return {'tokens': rng.integers(0, V - 1, (B, L), dtype=np.int32), 'attention_mask': mask}
+
+
+def _run(cfg, mesh, n_steps):
+  mask_id = cfg.model.vocab_size - 1
+  state = train_state.init_state(cfg, mask_id, mesh)
+  step = train_step.compile_train_step(cfg, train_state.model_graphdef(cfg, mask_id), mesh, state)
+  losses = []
+  for i in range(n_steps):
+    state, out = step(state, sharding.to_global(_batch(cfg, i), mesh))
+    losses.append(float(out['loss']))
+  return jax.device_get(state), losses
+
+
+def test_sharded_step_equals_single_device(micro_cfg):
+  one = sharding.make_mesh(MeshConfig(data=1, fsdp=1), devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
+  state_1, losses_1 = _run(micro_cfg, one, 3)
+  state_8, losses_8 = _run(micro_cfg, mesh, 3)
+  np.testing.assert_allclose(losses_1, losses_8, rtol=1e-5)
+  chex.assert_trees_all_close(state_1.params, state_8.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state_1.ema, state_8.ema, rtol=1e-5, atol=1e-6)
+  assert int(state_8.step) == 3
+
+
+def test_step_compiles_once(micro_cfg):
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
+  mask_id = micro_cfg.model.vocab_size - 1
+  state = train_state.init_state(micro_cfg, mask_id, mesh)
+  counted = chex.assert_max_traces(train_step.train_step, n=1)
+  step = train_step.compile_train_step(micro_cfg, train_state.model_graphdef(micro_cfg, mask_id),
+                                       mesh, state, step_fn=counted)
+  for i in range(4):
+    state, _ = step(state, sharding.to_global(_batch(micro_cfg, i), mesh))
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  chex.clear_trace_counter()
+
+
+def test_fsdp_shards_every_large_parameter(micro_cfg):
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8))
+  state = train_state.init_state(micro_cfg, micro_cfg.model.vocab_size - 1, mesh)
+  for tree in (state.params, state.ema, state.opt_state):
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      if x.ndim == 2:  # every matrix (kernels, embeddings, Adam moments) is split 8 ways
+        shard = x.addressable_shards[0].data
+        assert shard.size * 8 == x.size, sharding.path_str(path)
+  d = micro_cfg.model.hidden_size
+  qkv = state.params['blocks'][0]['attn_qkv']['kernel']
+  assert qkv.addressable_shards[0].data.shape == (d // 8, 3 * d)
+
+
+def test_ema_warmup_formula():
+  ema = {'w': jnp.zeros(())}
+  params = {'w': jnp.ones(())}
+  out = train_state.ema_update(ema, params, jnp.int32(1), 0.9999)
+  np.testing.assert_allclose(out['w'], 1 - 2 / 11, rtol=1e-6)  # decay (1+1)/(10+1)
+  out = train_state.ema_update(ema, params, jnp.int32(10 ** 7), 0.9999)
+  np.testing.assert_allclose(out['w'], 1e-4, rtol=1e-3)  # capped at the configured decay
+
+
+def test_optimizer_warmup_and_clipping():
+  cfg = OptimConfig(lr=1.0, warmup_steps=4, grad_clip=1.0, b1=0.0, b2=0.0, eps=0.0)
+  tx = train_state.make_optimizer(cfg)
+  params = {'w': jnp.zeros((2,))}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(6):
+    updates, state = tx.update({'w': jnp.array([30.0, 40.0])}, state, params)
+    sizes.append(float(optax.global_norm(updates)))
+  # Adam with b1=b2=0 has unit-size steps per coordinate; lr ramps 0, .25, .5, .75, 1, 1
+  np.testing.assert_allclose(sizes, np.array([0, .25, .5, .75, 1, 1]) * np.sqrt(2), rtol=1e-5)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(micro_cfg):
+  cfg = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model, dropout=0.0))
+  mesh = sharding.make_mesh(MeshConfig())
+  mask_id = cfg.model.vocab_size - 1
+  state = train_state.init_state(cfg, mask_id, mesh)
+  step = train_step.compile_train_step(cfg, train_state.model_graphdef(cfg, mask_id), mesh, state)
+  B, L = cfg.train.batch_size, cfg.data.seq_len
+  tokens = (np.arange(B)[:, None] + np.arange(L)[None]) % 7  # predictable from any neighbour
+  batch = sharding.to_global({'tokens': tokens.astype(np.int32),
+                              'attention_mask': np.ones((B, L), np.int32)}, mesh)
+  graphdef = train_state.model_graphdef(cfg, mask_id)
+  def nelbo(params):  # the same Monte-Carlo draw before and after
+    total, count = train_step.nelbo_sums(params, graphdef, cfg, batch, jax.random.PRNGKey(0), False)
+    return float(total / count)
+  before = nelbo(state.params)
+  for _ in range(30):
+    state, _ = step(state, batch)
+  assert nelbo(state.params) < 0.7 * before
