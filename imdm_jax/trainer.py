@@ -75,9 +75,13 @@ def train(cfg: config_lib.Config, workdir: str) -> Summary:
   val_nelbo = val_ppl = float('nan')
   last_time, last_step = time.perf_counter(), start
   bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+  pending = None
   for step in range(start + 1, cfg.train.num_steps + 1):
     state, out = step_fn(state, sharding.to_global(next(train_iter), mesh))
-    bar.update(1)
+    if pending is not None:  # one step in flight: the host prepares the next batch meanwhile,
+      jax.block_until_ready(pending)  # and the bar counts finished steps, not queued ones
+      bar.update(1)
+    pending = out
     done = step == cfg.train.num_steps
     if step % cfg.train.log_every == 0 or done:
       out = jax.device_get(out)
@@ -98,6 +102,9 @@ def train(cfg: config_lib.Config, workdir: str) -> Summary:
       last_time = time.perf_counter()  # keep evaluation out of the throughput numbers
     if step % cfg.train.ckpt_every == 0 or done:
       ckpt.save(step, state, cfg, train_iter, force=True)
+  if pending is not None:
+    jax.block_until_ready(pending)
+    bar.update(1)
   bar.close()
   if start >= cfg.train.num_steps:  # nothing left to train: still report where the run stands
     val_nelbo, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)

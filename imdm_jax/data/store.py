@@ -85,7 +85,10 @@ def prepare(cfg: Config) -> Dataset:
                       f'{split}')
   builder = PackedRows(docs=docs, tokenizer=tok, seq_len=data.seq_len, wrap=data.wrap,
                        data_dir=path)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(builder.data_dir,
+                                                                   'dataset_info.json')):
+    print(f'building {data.seq_len}-token rows of {data.source} in {builder.data_dir}', flush=True)
+    tfds.disable_progress_bar()
     builder.download_and_prepare()
   multihost_utils.sync_global_devices('imdm_jax.data.prepare')
   rows = tfds.builder_from_directory(builder.data_dir).as_data_source()
