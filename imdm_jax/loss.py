@@ -38,8 +38,14 @@ def nelbo(logits: Float[Array, 'B L V'], x: Int[Array, 'B L'], z_t: Int[Array, '
 
   Dividing the two gives the reference's reduction: padding is excluded from both, masked and
   unmasked valid tokens alike are counted. Sums (not means) let callers aggregate exactly over
-  batches and devices.
+  batches and devices. Equal to `nelbo_per_token(subs_log_probs(...))` (tested), but gathers the
+  target logit instead of materialising the SUBS rows: the loss then costs one logsumexp over V.
   """
-  per_token = nelbo_per_token(subs_log_probs(logits, z_t, mask_id), x, t)
+  logits = logits.astype(jnp.float32)
+  not_mask = jnp.arange(logits.shape[-1]) != mask_id
+  log_norm = jax.nn.logsumexp(jnp.where(not_mask, logits, NEG_INF), axis=-1)
+  log_p = jnp.take_along_axis(logits, x[..., None], axis=-1)[..., 0] - log_norm
+  log_p = jnp.where(x == mask_id, NEG_INF, log_p)  # as SUBS: the mask is never a target
+  per_token = jnp.where(z_t == mask_id, -log_p / t[:, None], 0.0)
   valid = valid.astype(jnp.float32)
   return jnp.sum(per_token * valid), jnp.sum(valid)

@@ -81,3 +81,18 @@ def test_loss_zero_unmasked_positive_masked():
   assert masked.any() and (~masked).any()
   assert (per_tok[~masked] == 0).all()
   assert np.isfinite(per_tok).all() and (per_tok[masked] > 0).all()
+
+
+def test_nelbo_equals_subs_route():
+  V, mask_id = 12, 4  # a mask id inside the vocabulary, as with BERT's [MASK] = 103
+  key = jax.random.PRNGKey(7)
+  x = jax.random.randint(key, (3, 20), 0, V)
+  x = jnp.where(x == mask_id, 0, x)
+  t = jnp.array([0.2, 0.6, 0.95])
+  z = masking.mask_tokens(jax.random.PRNGKey(8), x, t, mask_id)
+  logits = jax.random.normal(key, (3, 20, V)) * 4
+  valid = (jax.random.uniform(jax.random.PRNGKey(9), (3, 20)) < 0.8).astype(jnp.int32)
+  total, count = loss.nelbo(logits, x, z, t, valid, mask_id)
+  ref = loss.nelbo_per_token(loss.subs_log_probs(logits, z, mask_id), x, t)
+  np.testing.assert_allclose(total, float((ref * valid).sum()), rtol=1e-6)
+  assert float(count) == float(valid.sum())
