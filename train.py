@@ -2,6 +2,7 @@
 
   python train.py                                  # the `tiny` preset on the embedded corpus
   python train.py --preset lm1b-small --workdir runs/lm1b --set train.batch_size=256
+  python train.py --preset tiny-imdm --workdir runs/imdm --init_from runs/default
 
 Resumes from `--workdir` automatically. Bad input: one line on stderr, exit status 2.
 """
@@ -24,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       metavar='SECTION.KEY=VALUE', help='override a config value (repeatable)')
   parser.add_argument('--workdir', default='runs/default',
                       help='checkpoints, metrics.jsonl and config.json go here (default runs/default)')
+  parser.add_argument('--init_from', default=None, metavar='CHECKPOINT',
+                      help='start a fresh run from the EMA weights of this run directory or '
+                           'checkpoint (e.g. an IMDM from an MDLM); ignored when resuming')
   parser.add_argument('--list_presets', action='store_true', help='print the presets and exit')
   return parser.parse_args(argv)
 
@@ -38,7 +42,7 @@ def main(argv=None) -> None:
   runtime.setup()
   cfg = config_lib.resolve(args.preset, args.overrides)
   from imdm_jax import trainer  # pylint: disable=g-import-not-at-top  (after runtime.setup)
-  trainer.train(cfg, args.workdir)
+  trainer.train(cfg, args.workdir, init_from=args.init_from)
 
 
 if __name__ == '__main__':

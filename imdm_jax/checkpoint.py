@@ -20,6 +20,7 @@ from imdm_jax.errors import UserError
 
 # Sections that define what a checkpoint *is*; a restore under different values is refused.
 ARCHITECTURE_SECTIONS = ('model',)
+ARCHITECTURE_DIFFUSION_KEYS = ('noise_type', 'num_mask_states')  # they add parameters
 DATA_KEYS = ('source', 'seq_len', 'wrap', 'tokenizer', 'val_split')
 
 
@@ -68,6 +69,7 @@ def check_compatible(saved: config_lib.Config, cfg: config_lib.Config, where: st
   """Refuses to resume a run whose network or data differ from the checkpoint's."""
   saved_d, cfg_d = config_lib.to_dict(saved), config_lib.to_dict(cfg)
   keys = [(s, k) for s in ARCHITECTURE_SECTIONS for k in cfg_d[s]]
+  keys += [('diffusion', k) for k in ARCHITECTURE_DIFFUSION_KEYS]
   keys += [('data', k) for k in DATA_KEYS]
   for section, key in keys:
     if saved_d[section][key] != cfg_d[section][key]:

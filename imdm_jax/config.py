@@ -27,13 +27,19 @@ class ModelConfig:
   dropout: float = 0.1
   attn_softcap: float = 0.0  # 0 disables the attention-logit soft-cap
   time_conditioning: bool = False  # released models feed sigma = 0
-  noise_dim: int = 0  # D of the IMDM mask noise; 0 means plain MDLM
+  noise_dim: int = 0  # D of the IMDM mask noise eps; 0 (and no mask states) is plain MDLM
+
+
+NOISE_TYPES = ('uniform', 'normal', 'learnable')
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
   eps: float = 1e-3  # alpha(1) = eps; t is sampled in [eps, 1)
   antithetic: bool = True
+  noise_type: str = 'uniform'  # IMDM eps: U[-1, 1)^D, N(0, I), or learnable mu + sigma N(0, I)
+  noise_scale: float = 1.0  # eps is multiplied by this (must be 1 for 'learnable')
+  num_mask_states: int = 0  # K > 0: the finite-mask ablation (K = 1 is exactly MDLM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +136,20 @@ def micro() -> Config:
                           eval_batches=2, ckpt_every=20))
 
 
+def _imdm(cfg: Config, noise_dim: int, **model) -> Config:
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, noise_dim=noise_dim, **model))
+
+
+@preset
+def tiny_imdm() -> Config:
+  """`tiny` with the IMDM mask noise (D = 64): `python train.py --preset tiny-imdm`.
+
+  Trained by the NELBO alone it matches `tiny` (eps is independent of the data, so the network
+  has no reason to use it); it is the starting point for distillation.
+  """
+  return _imdm(tiny(), 64)
+
+
 def _small(**model) -> ModelConfig:
   return ModelConfig(hidden_size=768, n_blocks=12, n_heads=12, **model)
 
@@ -163,6 +183,25 @@ def owt_small() -> Config:
                       val_split='last:100000'),
       train=TrainConfig(batch_size=512, num_steps=1_000_000, log_every=100, eval_every=10_000,
                         eval_batches=100, ckpt_every=10_000))
+
+
+@preset
+def lm1b_small_imdm() -> Config:
+  """IMDM on LM1B as in the paper: `lm1b-small` with D = 768 and attention soft-cap 50.
+
+  `python train.py --preset lm1b-small-imdm --init_from runs/lm1b-mdlm` starts from an MDLM's
+  EMA weights (the noise MLP's output layer at zero, so step 0 is exactly that MDLM).
+  """
+  return _imdm(lm1b_small(), 768, attn_softcap=50.0)
+
+
+@preset
+def owt_small_imdm() -> Config:
+  """IMDM on OpenWebText as in the paper: `owt-small` with D = 2048.
+
+  `python train.py --preset owt-small-imdm --init_from CONVERTED_MDLM_OWT`.
+  """
+  return _imdm(owt_small(), 2048)
 
 
 @preset
@@ -226,6 +265,16 @@ def validate(cfg: Config) -> None:
   if m.hidden_size % m.n_heads or (m.hidden_size // m.n_heads) % 2:
     raise UserError(f'model.hidden_size={m.hidden_size} must split into model.n_heads={m.n_heads} '
                     'heads of even size (rotary embeddings)')
+  d = cfg.diffusion
+  if d.noise_type not in NOISE_TYPES:
+    raise UserError(f'diffusion.noise_type={d.noise_type!r}: expected one of {", ".join(NOISE_TYPES)}')
+  if d.noise_type == 'learnable' and d.noise_scale != 1.0:
+    raise UserError('diffusion.noise_scale must be 1 with learnable noise (sigma is learned)')
+  if d.num_mask_states < 0 or m.noise_dim < 0:
+    raise UserError('diffusion.num_mask_states and model.noise_dim must be >= 0')
+  if d.num_mask_states and m.noise_dim:
+    raise UserError('diffusion.num_mask_states (finite mask) and model.noise_dim (continuous eps) '
+                    'are alternatives: set one of them to 0')
   if cfg.data.seq_len < 3:
     raise UserError(f'data.seq_len={cfg.data.seq_len} is too short for BOS + token + EOS')
   for name in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every'):

@@ -2,9 +2,10 @@
 
 Written from `reference_checkpoints.md`; attribute names mirror the PyTorch state-dict keys
 (`blocks.{i}.attn_qkv`, `adaLN_modulation`, ...) so that `convert` maps each tensor 1:1 (PyTorch
-Linear weights are `[out, in]`, ours `[in, out]`). With `noise_dim > 0` the input embedding adds
-the IMDM mask-noise MLP `1[z = mask] * MLP(eps)` (method.md §2); with `noise_dim = 0` the network
-is exactly MDLM. One class serves both.
+Linear weights are `[out, in]`, ours `[in, out]`). With `model.noise_dim > 0` the input embedding
+adds the IMDM mask-noise MLP `1[z = mask] * MLP(eps)` (method.md §2), with
+`diffusion.num_mask_states = K > 0` the finite-mask ablation's table; otherwise the network is
+exactly MDLM. One class serves all three.
 
 Randomness is explicit: dropout takes a key at call time, so the module can be `nnx.merge`d
 inside a plain `jax.jit` + `jax.grad` (see stack_notes.md).
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from imdm_jax.config import ModelConfig
+from imdm_jax.config import Config, ModelConfig
 
 LN_EPS = 1e-5
 ROPE_BASE = 10_000.0
@@ -133,34 +134,64 @@ class MaskNoiseEmbedding(nnx.Module):
   """IMDM's `MLP(eps)`: Linear(D -> 4d, bias) -> exact GELU -> Linear(4d -> d, no bias).
 
   The second layer starts at zero so that a fresh IMDM computes exactly the MDLM it extends.
+  With learnable noise the network sees `mu + sigma * eps` (eps standard normal, mu = 0 and
+  sigma = 1 at init), so the noise distribution itself is trained.
   """
 
-  def __init__(self, noise_dim: int, hidden_size: int, rngs: nnx.Rngs):
+  def __init__(self, noise_dim: int, hidden_size: int, learnable: bool, rngs: nnx.Rngs):
     init = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0, upper=2.0)
     self.mlp_in = nnx.Linear(noise_dim, 4 * hidden_size, kernel_init=init,
                              bias_init=nnx.initializers.zeros, rngs=rngs)
     self.mlp_out = nnx.Linear(4 * hidden_size, hidden_size, use_bias=False,
                               kernel_init=nnx.initializers.zeros, rngs=rngs)
+    self.noise_mu = nnx.Param(jnp.zeros((noise_dim,))) if learnable else None
+    self.noise_sigma = nnx.Param(jnp.ones((noise_dim,))) if learnable else None
 
   def __call__(self, eps: Float[Array, 'B L D']) -> Float[Array, 'B L d']:
+    if self.noise_mu is not None:
+      eps = self.noise_mu[...] + self.noise_sigma[...] * eps
     return self.mlp_out(jax.nn.gelu(self.mlp_in(eps), approximate=False))
 
 
-class VocabEmbedding(nnx.Module):
+class MaskStateEmbedding(nnx.Module):
+  """The finite-mask ablation: K mask states embedded by a zero-initialised `[K, d]` table.
 
-  def __init__(self, vocab_size: int, hidden_size: int, noise_dim: int, rngs: nnx.Rngs):
-    bound = 1.0 / math.sqrt(hidden_size)  # torch's kaiming_uniform(a=sqrt(5)) on [V, d]
+  With K = 1 there is one mask state, which MDLM's mask embedding already represents: the row is
+  held at zero (no gradient), so K = 1 is exactly MDLM, as in the reference.
+  """
+
+  def __init__(self, num_states: int, hidden_size: int):
+    self.embedding = nnx.Param(jnp.zeros((num_states, hidden_size)))
+
+  def __call__(self, state: Int[Array, 'B L']) -> Float[Array, 'B L d']:
+    table = self.embedding[...]
+    if table.shape[0] == 1:
+      table = jax.lax.stop_gradient(table)
+    return jnp.take(table, state, axis=0)
+
+
+class VocabEmbedding(nnx.Module):
+  """`E[z] + 1[z = mask] * noise_embedding(eps)` (method.md §2); just `E[z]` for MDLM."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    m = cfg.model
+    bound = 1.0 / math.sqrt(m.hidden_size)  # torch's kaiming_uniform(a=sqrt(5)) on [V, d]
     self.embedding = nnx.Param(jax.random.uniform(
-        rngs.params(), (vocab_size, hidden_size), jnp.float32, -bound, bound))
-    self.imdm_mlp = MaskNoiseEmbedding(noise_dim, hidden_size, rngs) if noise_dim else None
+        rngs.params(), (m.vocab_size, m.hidden_size), jnp.float32, -bound, bound))
+    k = cfg.diffusion.num_mask_states
+    self.imdm_mlp = (MaskNoiseEmbedding(m.noise_dim, m.hidden_size,
+                                        cfg.diffusion.noise_type == 'learnable', rngs)
+                     if m.noise_dim and not k else None)
+    self.imdm_states = MaskStateEmbedding(k, m.hidden_size) if k else None
 
   def __call__(self, z: Int[Array, 'B L'], mask_id: int,
-               eps: Float[Array, 'B L D'] | None) -> Float[Array, 'B L d']:
+               eps: Float[Array, 'B L D'] | Int[Array, 'B L'] | None) -> Float[Array, 'B L d']:
     h = jnp.take(self.embedding[...], z, axis=0)
-    if self.imdm_mlp is not None:
+    noise = self.imdm_mlp or self.imdm_states
+    if noise is not None:
       if eps is None:
-        raise ValueError('an IMDM denoiser needs the mask noise eps [B, L, D]')
-      h = h + jnp.where((z == mask_id)[..., None], self.imdm_mlp(eps), 0.0)
+        raise ValueError('an IMDM denoiser needs the mask noise eps ([B, L, D], or [B, L] states)')
+      h = h + jnp.where((z == mask_id)[..., None], noise(eps), 0.0)
     return h
 
 
@@ -211,12 +242,12 @@ class FinalLayer(nnx.Module):
 class DiT(nnx.Module):
   """The denoiser network: tokens (and mask noise) in, raw logits `[B, L, V]` out."""
 
-  def __init__(self, cfg: ModelConfig, mask_id: int, rngs: nnx.Rngs):
-    self.cfg, self.mask_id = cfg, mask_id
-    self.vocab_embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.noise_dim, rngs)
-    self.sigma_map = SigmaMap(cfg.cond_dim, rngs)
-    self.blocks = nnx.List([DDiTBlock(cfg, rngs) for _ in range(cfg.n_blocks)])
-    self.output_layer = FinalLayer(cfg, rngs)
+  def __init__(self, cfg: Config, mask_id: int, rngs: nnx.Rngs):
+    self.cfg, self.mask_id = cfg.model, mask_id
+    self.vocab_embed = VocabEmbedding(cfg, rngs)
+    self.sigma_map = SigmaMap(cfg.model.cond_dim, rngs)
+    self.blocks = nnx.List([DDiTBlock(cfg.model, rngs) for _ in range(cfg.model.n_blocks)])
+    self.output_layer = FinalLayer(cfg.model, rngs)
 
   def __call__(self, z_t: Int[Array, 'B L'], sigma: Float[Array, 'B'] | None = None,
                eps: Float[Array, 'B L D'] | None = None,

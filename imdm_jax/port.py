@@ -16,10 +16,20 @@ from imdm_jax.errors import UserError
 
 _SEQUENTIAL = {'0': 'mlp_in', '2': 'mlp_out'}
 BUFFERS = ('rotary_emb.inv_freq',)  # recomputed, never loaded
+# Tensors whose names do not follow the pattern: torch key -> (our path, torch shape -> ours).
+_SPECIAL = {
+    'vocab_embed.imdm_mlp.weight': (('vocab_embed', 'imdm_states', 'embedding'), lambda x: x),
+    'vocab_embed.learnable_noise_mu': (('vocab_embed', 'imdm_mlp', 'noise_mu'),
+                                       lambda x: x.reshape(-1)),
+    'vocab_embed.learnable_noise_sigma': (('vocab_embed', 'imdm_mlp', 'noise_sigma'),
+                                          lambda x: x.reshape(-1)),
+}
 
 
 def torch_key_to_path(key: str) -> tuple[tuple[Any, ...], bool]:
   """(path in our tree, whether the tensor is transposed) of a PyTorch key."""
+  if key in _SPECIAL:
+    return _SPECIAL[key][0], False
   parts = key.split('.')
   path: list[Any] = []
   i = 0
@@ -40,6 +50,9 @@ def torch_key_to_path(key: str) -> tuple[tuple[Any, ...], bool]:
 
 
 def path_to_torch_key(path: tuple[Any, ...]) -> str:
+  for key, (special, _) in _SPECIAL.items():
+    if tuple(path) == special:
+      return key
   out, parents = [], list(path)
   for j, p in enumerate(parents):
     if p in ('mlp_in', 'mlp_out'):
@@ -65,7 +78,7 @@ def params_from_torch(state: Mapping[str, np.ndarray], template) -> dict:
     if path not in expected:
       raise UserError(f'unexpected key {key!r} (no parameter {"/".join(map(str, path))})')
     value = np.asarray(value, np.float32)
-    value = value.T if transposed else value
+    value = value.T if transposed else _SPECIAL.get(key, (None, lambda x: x))[1](value)
     if tuple(value.shape) != tuple(expected[path].shape):
       raise UserError(f'{key}: expected shape {tuple(expected[path].shape)}'
                       f'{" (transposed)" if transposed else ""}, got {tuple(value.shape)}')
@@ -84,7 +97,10 @@ def params_to_torch(params) -> dict[str, np.ndarray]:
   out = {}
   for path, leaf in _flatten(params):
     value = np.asarray(leaf)
-    out[path_to_torch_key(path)] = value.T if path[-1] == 'kernel' else value
+    key = path_to_torch_key(path)
+    if key.startswith('vocab_embed.learnable_noise'):
+      value = value.reshape(1, 1, -1)
+    out[key] = value.T if path[-1] == 'kernel' else value
   return out
 
 

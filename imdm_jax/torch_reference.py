@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imdm_jax.config import ModelConfig
+from imdm_jax.config import Config
 
 
 class LayerNorm(nn.Module):
@@ -60,18 +60,31 @@ def _rotate(x, cos, sin):  # x [B, L, H, Dh]; rotate-half layout
 
 
 class EmbeddingLayer(nn.Module):
+  """Token embedding plus, for IMDM, the mask-noise MLP (`imdm_mlp`, an nn.Sequential), its
+  learnable noise (`learnable_noise_mu/sigma`, [1, 1, D]) or the finite-state table (`imdm_mlp`,
+  an nn.Embedding) — the reference's names."""
 
-  def __init__(self, dim: int, vocab: int, noise_dim: int = 0):
+  def __init__(self, dim: int, vocab: int, noise_dim: int = 0, learnable: bool = False,
+               num_states: int = 0):
     super().__init__()
     self.embedding = nn.Parameter(torch.empty(vocab, dim))
     nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
-    if noise_dim:
+    self.learnable = learnable
+    if num_states:
+      self.imdm_mlp = nn.Embedding(num_states, dim)
+      nn.init.zeros_(self.imdm_mlp.weight)
+    elif noise_dim:
       self.imdm_mlp = nn.Sequential(nn.Linear(noise_dim, 4 * dim), nn.GELU(),
                                     nn.Linear(4 * dim, dim, bias=False))
+      if learnable:
+        self.learnable_noise_mu = nn.Parameter(torch.zeros(1, 1, noise_dim))
+        self.learnable_noise_sigma = nn.Parameter(torch.ones(1, 1, noise_dim))
 
   def forward(self, z, mask_id: int, eps=None):
     h = self.embedding[z]
     if hasattr(self, 'imdm_mlp'):
+      if self.learnable:
+        eps = self.learnable_noise_mu + self.learnable_noise_sigma * eps
       h = h + (z == mask_id)[..., None].float() * self.imdm_mlp(eps)
     return h
 
@@ -127,11 +140,14 @@ class DDitFinalLayer(nn.Module):
 class DIT(nn.Module):
   """The backbone; `state_dict()` keys equal the reference's without the `backbone.` prefix."""
 
-  def __init__(self, cfg: ModelConfig, mask_id: int):
+  def __init__(self, config: Config, mask_id: int):
     super().__init__()
+    cfg = config.model
     d = cfg.hidden_size
     self.cfg, self.mask_id = cfg, mask_id
-    self.vocab_embed = EmbeddingLayer(d, cfg.vocab_size, cfg.noise_dim)
+    self.vocab_embed = EmbeddingLayer(d, cfg.vocab_size, cfg.noise_dim,
+                                      config.diffusion.noise_type == 'learnable',
+                                      config.diffusion.num_mask_states)
     self.sigma_map = TimestepEmbedder(cfg.cond_dim)
     self.rotary_emb = Rotary(d // cfg.n_heads)
     self.blocks = nn.ModuleList([

@@ -48,12 +48,12 @@ def ema_update(ema: Params, params: Params, num_updates: jax.Array, decay: float
 
 
 def model_graphdef(cfg: Config, mask_id: int) -> nnx.GraphDef:
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(cfg.model, mask_id, nnx.Rngs(0))))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(cfg, mask_id, nnx.Rngs(0))))
   return graphdef
 
 
 def init_params(cfg: Config, mask_id: int, key: jax.Array) -> Params:
-  return nnx.to_pure_dict(nnx.state(DiT(cfg.model, mask_id, nnx.Rngs(params=key))))
+  return nnx.to_pure_dict(nnx.state(DiT(cfg, mask_id, nnx.Rngs(params=key))))
 
 
 def init_state(cfg: Config, mask_id: int, mesh: Mesh) -> TrainState:

@@ -27,7 +27,7 @@ def nelbo_sums(params: Params, graphdef: nnx.GraphDef, cfg: Config, batch: Batch
   model = nnx.merge(graphdef, params)
   t = schedule.sample_t(k_t, x.shape[0], cfg.diffusion.eps, cfg.diffusion.antithetic)
   z_t = masking.mask_tokens(k_mask, x, t, model.mask_id, cfg.diffusion.eps)
-  eps = noise.draw_eps(k_eps, (*x.shape, cfg.model.noise_dim)) if cfg.model.noise_dim else None
+  eps = noise.draw_eps(k_eps, x.shape, cfg) if noise.is_imdm(cfg) else None  # fresh per step
   logits = model(z_t, schedule.sigma(t, cfg.diffusion.eps), eps,
                  dropout_key=k_drop if train else None)
   return loss.nelbo(logits, x, z_t, t, batch['attention_mask'], model.mask_id)
@@ -48,7 +48,19 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   step = state.step + 1
   new_state = state.replace(step=step, params=params, opt_state=opt_state,
                             ema=ema_update(state.ema, params, step, cfg.optim.ema_decay))
-  return new_state, {'loss': value, 'grad_norm': optax.global_norm(grads)}
+  metrics = {'loss': value, 'grad_norm': optax.global_norm(grads)}
+  if noise.is_imdm(cfg):
+    metrics['imdm/noise_out_norm'] = noise_output_norm(params)
+  return new_state, metrics
+
+
+def noise_output_norm(params: Params) -> Float[Array, '']:
+  """Norm of the layer that turns eps into the mask embedding (the noise MLP's last layer, or
+  the finite-state table). It starts at 0; growth shows the network has started to use eps."""
+  embed = params['vocab_embed']
+  last = embed['imdm_mlp']['mlp_out']['kernel'] if 'imdm_mlp' in embed else \
+      embed['imdm_states']['embedding']
+  return jnp.sqrt(jnp.sum(jnp.square(last)))
 
 
 def eval_step(params: Params, batch: Batch, key: PRNGKeyArray, *, graphdef: nnx.GraphDef,

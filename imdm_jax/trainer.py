@@ -14,7 +14,8 @@ import time
 import jax
 from tqdm import tqdm
 
-from imdm_jax import checkpoint, config as config_lib, metrics, sharding, train_state, train_step
+from imdm_jax import (checkpoint, config as config_lib, init_from as init_lib, metrics, sharding,
+                      train_state, train_step)
 from imdm_jax.data import pipeline, store
 
 
@@ -40,7 +41,8 @@ def evaluate(eval_fn, params, rows, cfg: config_lib.Config, mesh) -> tuple[float
   return nelbo, math.exp(min(nelbo, 50.0))
 
 
-def train(cfg: config_lib.Config, workdir: str) -> Summary:
+def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) -> Summary:
+  """Trains (or resumes) a run in `workdir`; a fresh run may start from `init_from`'s EMA weights."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -60,6 +62,8 @@ def train(cfg: config_lib.Config, workdir: str) -> Summary:
     state = ckpt.restore(train_state.abstract_state(cfg, mask_id, mesh), train_iter)
   else:
     state = train_state.init_state(cfg, mask_id, mesh)
+    if init_from:
+      state = init_lib.initialise(state, cfg, init_from, mask_id, mesh)
   checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config_lib.to_dict(cfg))
 
   step_fn = train_step.compile_train_step(cfg, graphdef, mesh, state)
@@ -69,7 +73,8 @@ def train(cfg: config_lib.Config, workdir: str) -> Summary:
   if is_main:
     print(f'{train_state.param_count(state.params):,} parameters | mesh {dict(mesh.shape)} | '
           f'{len(data.train):,} train rows, {len(data.validation):,} validation rows | '
-          f'{"resuming at step " + str(start) if start else "fresh start"} | {workdir}')
+          f'{"resuming at step " + str(start) if start else "fresh start"}'
+          f'{" from " + init_from if init_from and latest is None else ""} | {workdir}')
 
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   val_nelbo = val_ppl = float('nan')
@@ -90,6 +95,7 @@ def train(cfg: config_lib.Config, workdir: str) -> Summary:
       last_time, last_step = now, step
       values = {'train/loss': out['loss'], 'train/grad_norm': out['grad_norm'],
                 'perf/steps_per_s': rate, 'perf/tokens_per_s': rate * tokens_per_step}
+      values.update({k: v for k, v in out.items() if k.startswith('imdm/')})
       writer.write(step, values)
       bar.set_postfix(loss=f'{out["loss"]:.3f}', steps_s=f'{rate:.2f}',
                       tok_s=f'{rate * tokens_per_step:,.0f}')

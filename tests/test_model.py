@@ -10,7 +10,7 @@ from flax import nnx
 
 from imdm_jax import model as model_lib
 from imdm_jax import port, train_state
-from imdm_jax.config import Config, ModelConfig
+from imdm_jax.config import Config, DiffusionConfig, ModelConfig
 
 MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
 
@@ -31,9 +31,10 @@ def test_reference_parameter_counts():
   assert round(_count(large) / 1e6, 1) == 863.2
 
 
-def _random_model(cfg: ModelConfig, seed=0) -> model_lib.DiT:
+def _random_model(cfg: ModelConfig, seed=0, **diffusion) -> model_lib.DiT:
   """A DiT whose zero-initialised layers are random too, so every path carries signal."""
-  m = model_lib.DiT(cfg, cfg.vocab_size - 1, nnx.Rngs(seed))
+  m = model_lib.DiT(Config(model=cfg, diffusion=DiffusionConfig(**diffusion)), cfg.vocab_size - 1,
+                    nnx.Rngs(seed))
   graphdef, state = nnx.split(m)
   leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
@@ -42,7 +43,7 @@ def _random_model(cfg: ModelConfig, seed=0) -> model_lib.DiT:
 
 
 def test_fresh_model_outputs_zero_logits():
-  m = model_lib.DiT(MICRO, MICRO.vocab_size - 1, nnx.Rngs(0))
+  m = model_lib.DiT(Config(model=MICRO), MICRO.vocab_size - 1, nnx.Rngs(0))
   logits = m(jnp.zeros((2, 8), jnp.int32))
   assert logits.shape == (2, 8, MICRO.vocab_size)
   np.testing.assert_array_equal(logits, 0.0)  # zero-initialised output layer
@@ -79,39 +80,55 @@ def test_timestep_features_cosine_first():
   np.testing.assert_array_equal(f[0, 128:], 0.0)
 
 
-def test_port_round_trip_names():
-  params = nnx.to_pure_dict(nnx.state(model_lib.DiT(dataclasses.replace(MICRO, noise_dim=8), 36,
-                                                    nnx.Rngs(0))))
+@pytest.mark.parametrize('noise_dim,noise_type,states', [(8, 'uniform', 0), (8, 'learnable', 0),
+                                                         (0, 'uniform', 5)])
+def test_port_round_trip_names(noise_dim, noise_type, states):
+  cfg = Config(model=dataclasses.replace(MICRO, noise_dim=noise_dim),
+               diffusion=DiffusionConfig(noise_type=noise_type, num_mask_states=states))
+  params = nnx.to_pure_dict(nnx.state(model_lib.DiT(cfg, 36, nnx.Rngs(0))))
   sd = port.params_to_torch(params)
   assert 'blocks.1.mlp.2.weight' in sd and 'sigma_map.mlp.0.bias' in sd
-  assert 'vocab_embed.imdm_mlp.2.weight' in sd and 'output_layer.linear.weight' in sd
+  assert 'output_layer.linear.weight' in sd
   assert sd['blocks.0.attn_qkv.weight'].shape == (96, 32)  # torch [out, in]
+  if states:
+    assert sd['vocab_embed.imdm_mlp.weight'].shape == (5, 32)
+  else:
+    assert 'vocab_embed.imdm_mlp.2.weight' in sd
+  if noise_type == 'learnable':
+    assert sd['vocab_embed.learnable_noise_mu'].shape == (1, 1, 8)
   back = port.params_from_torch(sd, params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
-@pytest.mark.parametrize('softcap,noise_dim,time_cond', [(0.0, 0, False), (50.0, 8, False),
-                                                         (0.0, 0, True)])
-def test_parity_with_pytorch_reference(softcap, noise_dim, time_cond):
+@pytest.mark.parametrize('softcap,noise_dim,time_cond,diffusion', [
+    (0.0, 0, False, {}), (50.0, 8, False, {}), (0.0, 0, True, {}),
+    (0.0, 8, False, {'noise_type': 'learnable'}), (0.0, 0, False, {'num_mask_states': 3})])
+def test_parity_with_pytorch_reference(softcap, noise_dim, time_cond, diffusion):
   torch = pytest.importorskip('torch')
   from imdm_jax import torch_reference  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(MICRO, attn_softcap=softcap, noise_dim=noise_dim,
                             time_conditioning=time_cond)
-  m = _random_model(cfg, seed=3)
+  m = _random_model(cfg, seed=3, **diffusion)
   params = nnx.to_pure_dict(nnx.state(m))
-  ref = torch_reference.DIT(cfg, cfg.vocab_size - 1).eval()
+  ref = torch_reference.DIT(Config(model=cfg, diffusion=DiffusionConfig(**diffusion)),
+                            cfg.vocab_size - 1).eval()
   sd = {k: torch.from_numpy(np.array(v)) for k, v in port.params_to_torch(params).items()}
   missing, unexpected = ref.load_state_dict(sd, strict=False)
   assert list(missing) == ['rotary_emb.inv_freq'] and not unexpected
   z = np.array(jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, cfg.vocab_size))
   z[:, ::3] = cfg.vocab_size - 1
-  eps = np.array(jax.random.uniform(jax.random.PRNGKey(6), (2, 16, noise_dim or 1), minval=-1))
+  if diffusion.get('num_mask_states'):
+    eps = np.array(jax.random.randint(jax.random.PRNGKey(6), (2, 16), 0, 3))
+    eps_t = torch.from_numpy(eps).long()
+  else:
+    eps = np.array(jax.random.uniform(jax.random.PRNGKey(6), (2, 16, noise_dim or 1), minval=-1))
+    eps_t = torch.from_numpy(eps)
+  imdm = bool(noise_dim or diffusion)
   sigma = np.array([0.3, 1.7], np.float32)
   with jax.default_matmul_precision('highest'):
-    ours = np.asarray(m(jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(eps) if noise_dim else None))
+    ours = np.asarray(m(jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(eps) if imdm else None))
   with torch.no_grad():
-    theirs = ref(torch.from_numpy(z).long(), torch.from_numpy(sigma),
-                 torch.from_numpy(eps) if noise_dim else None).numpy()
+    theirs = ref(torch.from_numpy(z).long(), torch.from_numpy(sigma), eps_t if imdm else None).numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 

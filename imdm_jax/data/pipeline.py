@@ -29,7 +29,11 @@ def train_iterator(rows: Sequence[dict], global_batch: int, seed: int):
   shard = grain.MapDataset.source(rows)[jax.process_index()::jax.process_count()]
   if len(shard) < local:
     raise UserError(f'the training split has {len(rows)} rows, fewer than a batch of {global_batch}')
-  return iter(shard.shuffle(seed=seed).repeat().batch(local, drop_remainder=True))
+  batches = shard.shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
+  # Rows are read on the calling thread: the train loop keeps one step in flight, so reading
+  # overlaps the device's work anyway, and no reader thread outlives the iterator (grain's
+  # default 16 threads x 500 prefetched batches would also hold ~1 GB of OpenWebText rows).
+  return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def eval_batches(rows: Sequence[dict], global_batch: int,
