@@ -12,5 +12,5 @@ from imdm_jax import schedule
 def mask_tokens(key: PRNGKeyArray, x: Int[Array, 'B L'], t: Float[Array, 'B'], mask_id: int,
                 eps: float = 1e-3) -> Int[Array, 'B L']:
   """Draws z_t ~ q(z_t | x): each position independently becomes `mask_id` w.p. 1 - alpha(t)."""
-  move = jax.random.uniform(key, x.shape) < (1.0 - schedule.alpha(t, eps))[:, None]
+  move = jax.random.uniform(key, x.shape, jnp.float32) < (1.0 - schedule.alpha(t, eps))[:, None]
   return jnp.where(move, mask_id, x)

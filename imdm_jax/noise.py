@@ -26,11 +26,12 @@ def draw_eps(key: PRNGKeyArray, shape: tuple[int, ...],
   """Fresh eps for every position of `shape` (e.g. (B, L)), independently."""
   d = cfg.diffusion
   if d.num_mask_states:
-    return jax.random.randint(key, shape, 0, d.num_mask_states)
+    return jax.random.randint(key, shape, 0, d.num_mask_states, dtype=jnp.int32)
   full = (*shape, cfg.model.noise_dim)
+  # float32 explicitly: samplers trace under jax.enable_x64 for their float64 draws
   if d.noise_type == 'uniform':
-    return d.noise_scale * jax.random.uniform(key, full, minval=-1.0, maxval=1.0)
-  return d.noise_scale * jax.random.normal(key, full)  # 'normal'; 'learnable' is affine in-model
+    return d.noise_scale * jax.random.uniform(key, full, jnp.float32, minval=-1.0, maxval=1.0)
+  return d.noise_scale * jax.random.normal(key, full, jnp.float32)  # 'learnable': affine in-model
 
 
 def seeded_eps(seeds: Int[Array, 'B'], seq_len: int,
