@@ -28,9 +28,11 @@ class ModelConfig:
   attn_softcap: float = 0.0  # 0 disables the attention-logit soft-cap
   time_conditioning: bool = False  # released models feed sigma = 0
   noise_dim: int = 0  # D of the IMDM mask noise eps; 0 (and no mask states) is plain MDLM
+  arch: str = 'dit'  # or 'gpt2': a causal LM trained by next-token NLL (the Gen PPL evaluator)
 
 
 NOISE_TYPES = ('uniform', 'normal', 'learnable')
+ARCHS = ('dit', 'gpt2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,16 @@ def tiny_imdm() -> Config:
   has no reason to use it); it is the starting point for distillation.
   """
   return _imdm(tiny(), 64)
+
+
+@preset
+def tiny_ar() -> Config:
+  """The offline Gen PPL evaluator: a causal GPT-2 (4 x 128) on `tiny`'s data and tokenizer.
+
+  `python train.py --preset tiny-ar --workdir runs/ar`, then
+  `python sample.py --checkpoint runs/default --eval --evaluator runs/ar`.
+  """
+  return _with(tiny(), model=dict(arch='gpt2'))
 
 
 def _small(**model) -> ModelConfig:
@@ -272,6 +284,10 @@ def validate(cfg: Config) -> None:
     raise UserError('diffusion.noise_scale must be 1 with learnable noise (sigma is learned)')
   if d.num_mask_states < 0 or m.noise_dim < 0:
     raise UserError('diffusion.num_mask_states and model.noise_dim must be >= 0')
+  if m.arch not in ARCHS:
+    raise UserError(f'model.arch={m.arch!r}: expected one of {", ".join(ARCHS)}')
+  if m.arch == 'gpt2' and (m.noise_dim or d.num_mask_states):
+    raise UserError('model.arch=gpt2 is autoregressive: it takes no IMDM mask noise')
   if d.num_mask_states and m.noise_dim:
     raise UserError('diffusion.num_mask_states (finite mask) and model.noise_dim (continuous eps) '
                     'are alternatives: set one of them to 0')

@@ -50,14 +50,27 @@ def checkpoint_dir(path: str) -> str:
   return nested if os.path.isdir(nested) else path
 
 
-def load_ema(path: str, mask_id: int, mesh: Mesh) -> tuple[train_state.Params, Config]:
-  """The EMA weights of the latest checkpoint under `path`, laid out on `mesh`."""
+def _open(path: str) -> checkpoint.Checkpointer:
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise UserError(f'--init_from {path}: no such directory')
+    raise UserError(f'{path}: no such directory')
   ckpt = checkpoint.Checkpointer(directory)
   if ckpt.latest_step() is None:
-    raise UserError(f'--init_from {path}: no checkpoint in {directory}')
+    raise UserError(f'{path}: no checkpoint in {directory}')
+  return ckpt
+
+
+def saved_config(path: str) -> Config:
+  """The config saved with the latest checkpoint under `path`."""
+  ckpt = _open(path)
+  cfg = ckpt.saved_config()
+  ckpt.close()
+  return cfg
+
+
+def load_ema(path: str, mask_id: int, mesh: Mesh) -> tuple[train_state.Params, Config]:
+  """The EMA weights of the latest checkpoint under `path`, laid out on `mesh`."""
+  ckpt = _open(path)
   saved = ckpt.saved_config()
   state = ckpt.restore(train_state.abstract_state(saved, mask_id, mesh))
   ckpt.close()

@@ -34,6 +34,13 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r'sigma_map/mlp_in/kernel$', ('freq', 'cond')),
     (r'sigma_map/mlp_out/kernel$', ('cond', 'cond')),
     (r'output_layer/linear/kernel$', ('embed', 'vocab')),
+    # GPT-2 (the evaluator)
+    (r'^wte$', ('vocab', 'embed')),
+    (r'^wpe$', ('pos', 'embed')),
+    (r'attn/c_attn/kernel$', ('embed', 'qkv')),
+    (r'attn/c_proj/kernel$', ('qkv', 'embed')),
+    (r'mlp/c_fc/kernel$', ('embed', 'mlp')),
+    (r'mlp/c_proj/kernel$', ('mlp', 'embed')),
 )
 
 # Logical axis -> mesh axis. A mesh axis is used at most once per parameter (first dim wins).

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from imdm_jax import sharding
 from imdm_jax.config import Config, OptimConfig
+from imdm_jax.gpt2 import GPT2
 from imdm_jax.model import DiT
 
 Params = dict[str, Any]
@@ -47,13 +48,17 @@ def ema_update(ema: Params, params: Params, num_updates: jax.Array, decay: float
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
+def model_class(cfg: Config) -> type[nnx.Module]:
+  return GPT2 if cfg.model.arch == 'gpt2' else DiT
+
+
 def model_graphdef(cfg: Config, mask_id: int) -> nnx.GraphDef:
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(cfg, mask_id, nnx.Rngs(0))))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, mask_id, nnx.Rngs(0))))
   return graphdef
 
 
 def init_params(cfg: Config, mask_id: int, key: jax.Array) -> Params:
-  return nnx.to_pure_dict(nnx.state(DiT(cfg, mask_id, nnx.Rngs(params=key))))
+  return nnx.to_pure_dict(nnx.state(model_class(cfg)(cfg, mask_id, nnx.Rngs(params=key))))
 
 
 def init_state(cfg: Config, mask_id: int, mesh: Mesh) -> TrainState:

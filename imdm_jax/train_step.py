@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from imdm_jax import loss, masking, noise, schedule, sharding
+from imdm_jax import gpt2, loss, masking, noise, schedule, sharding
 from imdm_jax.config import Config
 from imdm_jax.train_state import Params, TrainState, ema_update, make_optimizer
 
@@ -33,12 +33,27 @@ def nelbo_sums(params: Params, graphdef: nnx.GraphDef, cfg: Config, batch: Batch
   return loss.nelbo(logits, x, z_t, t, batch['attention_mask'], model.mask_id)
 
 
+def causal_lm_sums(params: Params, graphdef: nnx.GraphDef, cfg: Config, batch: Batch,
+                   key: PRNGKeyArray, train: bool) -> tuple[Float[Array, ''], Float[Array, '']]:
+  """Next-token NLL of a batch under a causal LM (`model.arch='gpt2'`): (sum, number of targets)."""
+  x = batch['tokens']
+  logits = nnx.merge(graphdef, params)(x, dropout_key=key if train else None)
+  valid = batch['attention_mask'][:, 1:].astype(jnp.float32)
+  return jnp.sum(gpt2.token_nll(logits, x) * valid), jnp.sum(valid)
+
+
+def loss_sums(params, graphdef, cfg: Config, batch: Batch, key, train: bool):
+  """The training objective of `cfg.model.arch`, as (sum over tokens, token count)."""
+  fn = causal_lm_sums if cfg.model.arch == 'gpt2' else nelbo_sums
+  return fn(params, graphdef, cfg, batch, key, train)
+
+
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                cfg: Config) -> tuple[TrainState, dict[str, Array]]:
   key = jax.random.fold_in(state.rng, state.step)
 
   def objective(params):
-    total, count = nelbo_sums(params, graphdef, cfg, batch, key, train=True)
+    total, count = loss_sums(params, graphdef, cfg, batch, key, train=True)
     return total / jnp.maximum(count, 1.0)
 
   value, grads = jax.value_and_grad(objective)(state.params)
@@ -65,7 +80,7 @@ def noise_output_norm(params: Params) -> Float[Array, '']:
 
 def eval_step(params: Params, batch: Batch, key: PRNGKeyArray, *, graphdef: nnx.GraphDef,
               cfg: Config) -> dict[str, Array]:
-  total, count = nelbo_sums(params, graphdef, cfg, batch, key, train=False)
+  total, count = loss_sums(params, graphdef, cfg, batch, key, train=False)
   return {'nll_sum': total, 'count': count}
 
 

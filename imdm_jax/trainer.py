@@ -22,14 +22,14 @@ from imdm_jax.data import pipeline, store
 @dataclasses.dataclass
 class Summary:
   step: int
-  val_nelbo: float
+  val_loss: float
   val_ppl: float
   workdir: str
 
 
 def evaluate(eval_fn, params, rows, cfg: config_lib.Config, mesh) -> tuple[float, float]:
-  """(NELBO per token, NELBO perplexity) over the validation rows; the same keys every time, so
-  numbers at different steps are comparable."""
+  """(loss per token, perplexity) over the validation rows: for a diffusion model the NELBO and
+  the bound it gives. The same keys every time, so numbers at different steps are comparable."""
   key = jax.random.PRNGKey(cfg.train.seed + 1)
   total = count = 0.0
   for b, batch in enumerate(pipeline.eval_batches(rows, cfg.train.batch_size,
@@ -77,7 +77,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
           f'{" from " + init_from if init_from and latest is None else ""} | {workdir}')
 
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  val_nelbo = val_ppl = float('nan')
+  val_loss = val_ppl = float('nan')
   last_time, last_step = time.perf_counter(), start
   bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
   pending = None
@@ -100,11 +100,12 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
       bar.set_postfix(loss=f'{out["loss"]:.3f}', steps_s=f'{rate:.2f}',
                       tok_s=f'{rate * tokens_per_step:,.0f}')
     if step % cfg.train.eval_every == 0 or done:
-      val_nelbo, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
-      writer.write(step, {'val/nelbo': val_nelbo, 'val/ppl': val_ppl})
+      val_loss, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
+      writer.write(step, {'val/loss': val_loss, 'val/ppl': val_ppl})
       if is_main:
-        tqdm.write(f'step {step}: validation NELBO {val_nelbo:.4f} nats/token, '
-                   f'perplexity <= {val_ppl:.2f} (EMA weights)')
+        bound = '' if cfg.model.arch == 'gpt2' else ' <='  # the NELBO only bounds the perplexity
+        tqdm.write(f'step {step}: validation loss {val_loss:.4f} nats/token, '
+                   f'perplexity{bound} {val_ppl:.2f} (EMA weights)')
       last_time = time.perf_counter()  # keep evaluation out of the throughput numbers
     if step % cfg.train.ckpt_every == 0 or done:
       ckpt.save(step, state, cfg, train_iter, force=True)
@@ -113,15 +114,15 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
     bar.update(1)
   bar.close()
   if start >= cfg.train.num_steps:  # nothing left to train: still report where the run stands
-    val_nelbo, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
+    val_loss, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
   ckpt.wait()
   ckpt.close()
   writer.close()
   step = int(state.step)
   if is_main:
-    print(f'done: step {step}, validation perplexity <= {val_ppl:.2f} | checkpoints '
+    print(f'done: step {step}, validation perplexity {val_ppl:.2f} | checkpoints '
           f'{ckpt.directory} | metrics {writer.path} | config {os.path.join(workdir, "config.json")}')
-  return Summary(step, val_nelbo, val_ppl, workdir)
+  return Summary(step, val_loss, val_ppl, workdir)
 
 
 def unigram_baseline(cfg: config_lib.Config) -> float:

@@ -67,22 +67,35 @@ class Dataset:
   path: str
 
 
-def prepare(cfg: Config) -> Dataset:
-  """Tokenizer and packed rows for `cfg.data`, built on first use (by process 0 only)."""
+def load_tokenizer(cfg: Config, docs: dict[str, Sequence[str]] | None = None
+                   ) -> tokenizers.Tokenizer:
+  """The run's tokenizer. A sentencepiece model missing from the cache is trained on the
+  training documents (read only then)."""
   data = cfg.data
-  data_dir = os.path.expanduser(data.data_dir)
-  docs = sources.documents(data)
-  corpus = sources.corpus_id(data)
-  tok = tokenizers.load_tokenizer(
-      data.tokenizer, cfg.model.vocab_size, data_dir, corpus,
-      lambda: (docs['train'][i] for i in range(len(docs['train']))), data.tokenizer_path)
+
+  def training_texts():
+    train = (docs or sources.documents(data))['train']
+    return (train[i] for i in range(len(train)))
+
+  tok = tokenizers.load_tokenizer(data.tokenizer, cfg.model.vocab_size,
+                                  os.path.expanduser(data.data_dir), sources.corpus_id(data),
+                                  training_texts, data.tokenizer_path)
   if tok.vocab_size != cfg.model.vocab_size:
     raise UserError(f'model.vocab_size={cfg.model.vocab_size} but tokenizer {tok.name} has '
                     f'{tok.vocab_size} ids (mask included)')
+  return tok
+
+
+def prepare(cfg: Config) -> Dataset:
+  """Tokenizer and packed rows for `cfg.data`, built on first use (by process 0 only)."""
+  data = cfg.data
+  docs = sources.documents(data)
+  corpus = sources.corpus_id(data)
+  tok = load_tokenizer(cfg, docs)
   packing_name = 'wrap' if data.wrap else 'pad'
   split = sources.corpus_id(dataclasses.replace(data, source=data.val_split))
-  path = os.path.join(data_dir, 'packed', f'{corpus}-{tok.name}-L{data.seq_len}-{packing_name}-'
-                      f'{split}')
+  name = f'{corpus}-{tok.name}-L{data.seq_len}-{packing_name}-{split}'
+  path = os.path.join(os.path.expanduser(data.data_dir), 'packed', name)
   builder = PackedRows(docs=docs, tokenizer=tok, seq_len=data.seq_len, wrap=data.wrap,
                        data_dir=path)
   if jax.process_index() == 0 and not os.path.exists(os.path.join(builder.data_dir,

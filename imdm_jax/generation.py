@@ -1,0 +1,149 @@
+"""Generating from a checkpoint: the work behind `sample.py`.
+
+Restores a run's EMA weights, samples in batches over the device mesh for each requested step
+count, decodes, writes `samples_steps{S}.jsonl` (text, token ids, steps, seed) and, with
+evaluation, `metrics.json` / `metrics.md` (Gen PPL and entropy per step count) and a plot. Every
+file is written to a temporary name and renamed, so an interrupted run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from imdm_jax import evaluate, init_from, noise, sampler, sharding, train_state
+from imdm_jax.config import Config, MeshConfig
+from imdm_jax.data import store
+from imdm_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  checkpoint: str
+  steps: tuple[int, ...]
+  num_samples: int
+  seed: int = 0
+  prefix: str = ''
+  batch_size: int = 0  # 0: all samples in one batch, at most 64
+  out: str = ''  # default: <run>/samples
+  evaluator: str = ''  # a causal-LM checkpoint for Gen PPL
+  scfg: sampler.SamplerConfig = sampler.SamplerConfig()
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def prefix_ids(cfg: Config, tok, prefix: str) -> list[int]:
+  """[BOS] + the prefix's tokens, checked to fit and to be encodable."""
+  if not prefix:
+    return []
+  ids = [tok.bos_id] + tok.encode([prefix])[0]
+  unk = getattr(tok, 'unk_id', None)
+  if unk is not None and unk in ids:
+    raise UserError(f'--prefix holds characters the {tok.name} tokenizer cannot encode')
+  if len(ids) >= cfg.data.seq_len:
+    raise UserError(f'--prefix is {len(ids)} tokens with BOS; the model length is '
+                    f'{cfg.data.seq_len}')
+  return ids
+
+
+def _check(req: Request, n_dev: int) -> int:
+  if not req.steps or min(req.steps) < 1:
+    raise UserError(f'--steps must be >= 1, got {",".join(map(str, req.steps))}')
+  batch = req.batch_size or min(req.num_samples, 64)
+  if req.num_samples < 1 or req.num_samples % batch or batch % n_dev:
+    raise UserError(f'--num_samples {req.num_samples} cannot be split into batches of {batch} '
+                    f'over {n_dev} devices (use a multiple of {n_dev})')
+  return batch
+
+
+def run(req: Request) -> dict:
+  mesh = sharding.make_mesh(MeshConfig())
+  batch = _check(req, mesh.devices.size)
+  cfg = init_from.saved_config(req.checkpoint)
+  if cfg.model.arch != 'dit':
+    raise UserError(f'{req.checkpoint}: a diffusion checkpoint is needed, not {cfg.model.arch!r}')
+  tok = store.load_tokenizer(cfg)
+  given = prefix_ids(cfg, tok, req.prefix)
+  evaluator = evaluate.Evaluator.load(req.evaluator, mesh) if req.evaluator else None
+  params, _ = init_from.load_ema(req.checkpoint, tok.mask_id, mesh)
+  graphdef = train_state.model_graphdef(cfg, tok.mask_id)
+  out = req.out or os.path.join(os.path.dirname(init_from.checkpoint_dir(req.checkpoint)),
+                                'samples')
+  os.makedirs(out, exist_ok=True)
+  L = cfg.data.seq_len
+
+  results = []
+  for steps in req.steps:
+    scfg = dataclasses.replace(req.scfg, steps=steps)
+    run_sampler = sampler.compile_sampler(cfg, graphdef, mesh, scfg, tok.mask_id)
+    key = jax.random.PRNGKey(req.seed)
+    ids, nfe = [], 0
+    for b in tqdm(range(req.num_samples // batch), desc=f'{steps} steps', leave=False):
+      k_sample, k_eps = jax.random.split(jax.random.fold_in(key, b))
+      z = np.full((batch, L), tok.mask_id, np.int32)
+      z[:, :len(given)] = given
+      eps = noise.draw_eps(k_eps, z.shape, cfg) if noise.is_imdm(cfg) else None
+      x, stats = jax.device_get(run_sampler(params, k_sample, jnp.asarray(z), eps))
+      ids.append(np.asarray(x))
+      nfe += int(stats['nfe'])
+    ids = np.concatenate(ids)
+    docs = [evaluate.split_documents(row, tok) for row in ids]
+    lines = [json.dumps({'text': '\n'.join(d), 'token_ids': row.tolist(), 'steps': steps,
+                         'seed': req.seed, 'index': i}) for i, (d, row) in enumerate(zip(docs, ids))]
+    path = os.path.join(out, f'samples_steps{steps}.jsonl')
+    _write_atomic(path, '\n'.join(lines) + '\n')
+    row = {'steps': steps, 'num_samples': len(ids), 'entropy': evaluate.unigram_entropy(ids),
+           'network_calls_per_batch': nfe / (req.num_samples // batch), 'samples': path}
+    if evaluator is not None:
+      row['gen_ppl'], _, row['scored_tokens'] = evaluator.score(docs)
+    results.append(row)
+    print(f'{steps} steps: ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
+                                          for k, v in row.items() if k != 'samples'))
+    for d in docs[:2]:
+      print('  > ' + ' / '.join(d)[:300])
+  summary = {'checkpoint': os.path.abspath(req.checkpoint), 'seed': req.seed, 'prefix': req.prefix,
+             'evaluator': req.evaluator, 'sampler': dataclasses.asdict(req.scfg), 'results': results}
+  _write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
+  _write_atomic(os.path.join(out, 'metrics.md'), _table(results))
+  _plot(results, os.path.join(out, 'metrics.png'))
+  return summary
+
+
+def _table(results: list[dict]) -> str:
+  lines = ['| steps | Gen PPL | entropy | network calls |', '|---|---|---|---|']
+  for r in results:
+    ppl = f'{r["gen_ppl"]:.2f}' if 'gen_ppl' in r else '-'
+    lines.append(f'| {r["steps"]} | {ppl} | {r["entropy"]:.3f} | {r["network_calls_per_batch"]:.1f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def _plot(results: list[dict], path: str) -> None:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  steps = [r['steps'] for r in results]
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  if all('gen_ppl' in r for r in results):
+    axes[0].plot(steps, [r['gen_ppl'] for r in results], 'o-')
+  axes[0].set(xscale='log', yscale='log', xlabel='sampling steps', ylabel='Gen PPL')
+  axes[1].plot(steps, [r['entropy'] for r in results], 'o-')
+  axes[1].set(xscale='log', xlabel='sampling steps', ylabel='unigram entropy (nats)')
+  fig.tight_layout()
+  tmp = f'{path}.tmp{os.getpid()}.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
