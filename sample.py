@@ -28,7 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--prefix', default='', help='condition on this text (clamped after BOS)')
   p.add_argument('--out', default='', help='output directory (default <run>/samples)')
-  p.add_argument('--eval', action='store_true', help='report entropy (and Gen PPL, see below)')
+  p.add_argument('--eval', action='store_true',
+                 help='also report the validation NELBO perplexity (if the run\'s data is here) and '
+                      'Gen PPL under --evaluator')
   p.add_argument('--evaluator', default='', help='causal-LM checkpoint scoring Gen PPL (--eval)')
   p.add_argument('--final', default='ancestral', choices=['ancestral', 'greedy'],
                  help='last step: draw every remaining mask, or take the argmax')
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
   generation.run(generation.Request(
       checkpoint=args.checkpoint, steps=steps, num_samples=args.num_samples, seed=args.seed,
       prefix=args.prefix, batch_size=args.batch_size, out=args.out,
-      evaluator=args.evaluator if args.eval else '', scfg=scfg))
+      evaluator=args.evaluator if args.eval else '', nelbo=args.eval, scfg=scfg))
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from imdm_jax import evaluate, init_from, noise, sampler, sharding, train_state
+from imdm_jax import evaluate, init_from, noise, sampler, sharding, train_state, train_step, trainer
 from imdm_jax.config import Config, MeshConfig
 from imdm_jax.data import store
 from imdm_jax.errors import UserError
@@ -33,6 +33,7 @@ class Request:
   batch_size: int = 0  # 0: all samples in one batch, at most 64
   out: str = ''  # default: <run>/samples
   evaluator: str = ''  # a causal-LM checkpoint for Gen PPL
+  nelbo: bool = False  # also the validation NELBO perplexity of the checkpoint
   scfg: sampler.SamplerConfig = sampler.SamplerConfig()
 
 
@@ -48,8 +49,7 @@ def prefix_ids(cfg: Config, tok, prefix: str) -> list[int]:
   if not prefix:
     return []
   ids = [tok.bos_id] + tok.encode([prefix])[0]
-  unk = getattr(tok, 'unk_id', None)
-  if unk is not None and unk in ids:
+  if tok.unk_id is not None and tok.unk_id in ids:
     raise UserError(f'--prefix holds characters the {tok.name} tokenizer cannot encode')
   if len(ids) >= cfg.data.seq_len:
     raise UserError(f'--prefix is {len(ids)} tokens with BOS; the model length is '
@@ -114,10 +114,25 @@ def run(req: Request) -> dict:
       print('  > ' + ' / '.join(d)[:300])
   summary = {'checkpoint': os.path.abspath(req.checkpoint), 'seed': req.seed, 'prefix': req.prefix,
              'evaluator': req.evaluator, 'sampler': dataclasses.asdict(req.scfg), 'results': results}
+  if req.nelbo:
+    summary['val_nelbo_ppl'] = _validation_nelbo(cfg, graphdef, mesh, params)
   _write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
   _write_atomic(os.path.join(out, 'metrics.md'), _table(results))
   _plot(results, os.path.join(out, 'metrics.png'))
   return summary
+
+
+def _validation_nelbo(cfg: Config, graphdef, mesh, params) -> float | None:
+  """NELBO perplexity bound on the run's validation split (None if its data is not here)."""
+  try:
+    data = store.prepare(cfg)
+  except UserError as e:
+    print(f'validation NELBO skipped: {e}')
+    return None
+  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, params)
+  _, ppl = trainer.evaluate(eval_fn, params, data.validation, cfg, mesh)
+  print(f'validation NELBO perplexity <= {ppl:.2f}')
+  return ppl
 
 
 def _table(results: list[dict]) -> str:

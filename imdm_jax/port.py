@@ -71,12 +71,16 @@ def params_from_torch(state: Mapping[str, np.ndarray], template) -> dict:
   `template` (a tree of arrays or ShapeDtypeStructs). Unused or missing keys are errors."""
   params: dict = {}
   expected = {path: leaf for path, leaf in _flatten(template)}
+  unexpected = [k for k in state if k not in BUFFERS and torch_key_to_path(k)[0] not in expected]
+  if unexpected:  # all of them: a whole foreign module (a teacher, a wrapper) is then obvious
+    shown = ', '.join(map(repr, unexpected[:4]))
+    more = f' and {len(unexpected) - 4} more' if len(unexpected) > 4 else ''
+    raise UserError(f'unexpected key{"s" if len(unexpected) > 1 else ""} {shown}{more} '
+                    '(no such parameter in this model)')
   for key, value in state.items():
     if key in BUFFERS:
       continue
     path, transposed = torch_key_to_path(key)
-    if path not in expected:
-      raise UserError(f'unexpected key {key!r} (no parameter {"/".join(map(str, path))})')
     value = np.asarray(value, np.float32)
     value = value.T if transposed else _SPECIAL.get(key, (None, lambda x: x))[1](value)
     if tuple(value.shape) != tuple(expected[path].shape):

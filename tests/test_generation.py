@@ -58,6 +58,7 @@ def test_sample_cli_writes_samples_and_metrics(runs, tmp_path):
   assert [r['steps'] for r in metrics['results']] == [2, 8]
   assert all(r['gen_ppl'] > 1 and r['entropy'] > 0 for r in metrics['results'])
   assert '| 8 |' in open(out / 'metrics.md').read()
+  assert 1 < metrics['val_nelbo_ppl'] < 2 * 513  # 4 training steps: near the uniform bound
 
 
 @pytest.mark.parametrize('args,message', [

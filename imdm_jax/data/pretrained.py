@@ -13,13 +13,18 @@ import os
 
 from imdm_jax.errors import UserError
 
+# The model vocabulary V each tokenizer implies (its own tokens, plus GPT-2's appended mask).
+VOCAB_SIZES = {'gpt2': 50258, 'bert-base-uncased': 30522}
+
 
 class _HFTokenizer:
   """Adapts a `tokenizers.Tokenizer` to the project's `Tokenizer` interface."""
 
-  def __init__(self, tok, name: str, vocab_size: int, bos: int, eos: int, pad: int, mask: int):
+  def __init__(self, tok, name: str, vocab_size: int, bos: int, eos: int, pad: int, mask: int,
+               unk: int | None = None):
     self._tok, self.name, self.vocab_size = tok, name, vocab_size
     self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos, eos, pad, mask
+    self.unk_id = unk  # None: byte-level BPE encodes any text
 
   def encode(self, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -47,12 +52,22 @@ def load(name: str, path: str):
     (vocab,) = _find(path, 'vocab.txt')
     tok = tokenizers.BertWordPieceTokenizer(vocab, lowercase=True)
     size = tok.get_vocab_size()
-    ids = {s: tok.token_to_id(s) for s in ('[CLS]', '[SEP]', '[PAD]', '[MASK]')}
-    return _HFTokenizer(tok, name, size, ids['[CLS]'], ids['[SEP]'], ids['[PAD]'], ids['[MASK]'])
+    ids = {s: tok.token_to_id(s) for s in ('[CLS]', '[SEP]', '[PAD]', '[MASK]', '[UNK]')}
+    return _HFTokenizer(tok, name, size, ids['[CLS]'], ids['[SEP]'], ids['[PAD]'], ids['[MASK]'],
+                        ids['[UNK]'])
   if name == 'gpt2':
-    vocab, merges = _find(path, 'vocab.json', 'merges.txt')
-    tok = tokenizers.ByteLevelBPETokenizer(vocab, merges)
+    tok = _gpt2(tokenizers, path)
     eot = tok.token_to_id('<|endoftext|>')
     n = tok.get_vocab_size()
     return _HFTokenizer(tok, name, n + 1, eot, eot, eot, n)
   raise UserError(f'unknown tokenizer {name!r}; known: sentencepiece, gpt2, bert-base-uncased')
+
+
+def _gpt2(tokenizers, path: str):
+  """GPT-2's BPE from `vocab.json` + `merges.txt`, or from the single `tokenizer.json` some
+  Hugging Face snapshots ship instead (`path`: that file or its directory); same ids either way."""
+  single = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+  if not os.path.isfile(os.path.join(path, 'vocab.json')) and os.path.isfile(single):
+    return tokenizers.Tokenizer.from_file(single)
+  vocab, merges = _find(path, 'vocab.json', 'merges.txt')
+  return tokenizers.ByteLevelBPETokenizer(vocab, merges)

@@ -22,6 +22,7 @@ class Tokenizer(Protocol):
   eos_id: int
   pad_id: int
   mask_id: int
+  unk_id: int | None  # the id of text the vocabulary cannot encode (None: it encodes any text)
   name: str  # identifies the vocabulary (used in cache keys)
 
   def encode(self, texts: list[str]) -> list[list[int]]:
@@ -37,6 +38,7 @@ class SentencePieceTokenizer:
   def __init__(self, model_path: str):
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+    self.unk_id = self._sp.unk_id()  # never produced: byte fallback encodes any text
     self.mask_id = self._sp.get_piece_size()
     self.vocab_size = self.mask_id + 1
     with open(model_path, 'rb') as f:
