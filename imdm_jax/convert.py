@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imdm_jax import checkpoint, config as config_lib, convert_sources, init_from, model, port
+from imdm_jax import (checkpoint, config as config_lib, convert_gpt2, convert_sources, init_from,
+                      model, port)
 from imdm_jax import train_state
 from imdm_jax.config import Config
 from imdm_jax.data import pretrained
@@ -70,9 +71,13 @@ def convert(src: str, out: str, raw: bool = False, force: bool = False, tokenize
   out = os.path.abspath(os.path.expanduser(out))
   check_output(out, force)
   source = convert_sources.read(src, raw)
-  cfg = resolve_config(source, preset, overrides, tokenizer_path)
-  k_params, k_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))  # as init_state splits
-  params, grafted = convert_params(source.state, cfg, k_params)
+  if convert_gpt2.is_gpt2(source.state):  # the Gen PPL evaluator, not a diffusion model
+    params, cfg = _gpt2(source, overrides, tokenizer_path)
+    grafted, k_rng = False, jax.random.PRNGKey(cfg.train.seed)
+  else:
+    cfg = resolve_config(source, preset, overrides, tokenizer_path)
+    k_params, k_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))  # as init_state does
+    params, grafted = convert_params(source.state, cfg, k_params)
   weights = source.weights
   del source
   params = jax.tree.map(jnp.array, params)  # copies, so the host tensors are freed here
@@ -179,8 +184,24 @@ def convert_params(state: dict[str, np.ndarray], cfg: Config,
   return params, extends
 
 
+def _gpt2(source: convert_sources.Source, overrides, tokenizer_path: str):
+  params, sizes = convert_gpt2.params_from_hf(source.state)
+  cfg = convert_gpt2.config_for(sizes, source.stated.get('n_head'), list(overrides))
+  if tokenizer_path:
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_path=tokenizer_path))
+    tokenizer = pretrained.load('gpt2', tokenizer_path)
+    if tokenizer.mask_id != cfg.model.vocab_size:  # the BPE ids, without our appended mask
+      raise UserError(f'the gpt2 tokenizer at {tokenizer_path} has {tokenizer.mask_id} ids, the '
+                      f'tensors V={cfg.model.vocab_size}')
+  template = jax.eval_shape(_init_params(cfg), jax.random.PRNGKey(0))
+  init_from.graft(template, params, 'convert')  # every parameter present, every shape right
+  return params, cfg
+
+
 def describe(cfg: Config, grafted: bool) -> str:
   m, diff = cfg.model, cfg.diffusion
+  if m.arch == 'gpt2':
+    return f'GPT-2 {m.n_blocks}x{m.hidden_size}, {m.n_heads} heads, V={m.vocab_size}'
   kind = 'MDLM'
   if m.noise_dim:
     kind = f'IMDM (noise_dim {m.noise_dim}, {diff.noise_type} eps)'

@@ -80,7 +80,9 @@ def load_tokenizer(cfg: Config, docs: dict[str, Sequence[str]] | None = None
   tok = tokenizers.load_tokenizer(data.tokenizer, cfg.model.vocab_size,
                                   os.path.expanduser(data.data_dir), sources.corpus_id(data),
                                   training_texts, data.tokenizer_path)
-  if tok.vocab_size != cfg.model.vocab_size:
+  # A causal LM may lack the mask id appended after a pretrained vocabulary (ported GPT-2).
+  without_mask = cfg.model.arch == 'gpt2' and tok.mask_id == cfg.model.vocab_size
+  if tok.vocab_size != cfg.model.vocab_size and not without_mask:
     raise UserError(f'model.vocab_size={cfg.model.vocab_size} but tokenizer {tok.name} has '
                     f'{tok.vocab_size} ids (mask included)')
   return tok
