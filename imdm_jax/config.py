@@ -88,6 +88,29 @@ class MeshConfig:
   fsdp: int = 1
 
 
+DIVERGENCES = ('kl-bwd', 'kl-fwd', 'mse', 'tvd')
+TEACHER_GRIDS = ('intended', 'wide')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """SDTT (method.md §3) and ReDi (§4). Used by `distill.py` only."""
+  # SDTT: round r distils a teacher of step (1 - eps)/1024 * 2^r into a student of twice that step
+  round_steps: int = 10_000
+  num_rounds: int = 7
+  divergence: str = 'kl-bwd'  # KL(student || teacher); or kl-fwd, mse (log-probs), tvd
+  teacher_grid: str = 'intended'  # teacher steps t -> t-dt -> t-2dt; 'wide': t -> t-2dt -> t-4dt
+  # ReDi: couplings (z_T, x_hat_0, t, seed) from the current model, then rectification
+  num_pairs: int = 100_000
+  teacher_steps: int = 1024  # sampler steps of the coupling run
+  teacher_temperature: float = 1.0
+  teacher_final: str = 'ancestral'  # 'greedy': argmax at the last step
+  teacher_fix_eps: bool = False  # hold the starting eps through the coupling run
+  full_mask_fraction: float = 0.0  # share of pairs with t = 1 (the rest t ~ U(0, 1))
+  ignore_seed: bool = False  # rectify with fresh eps instead of the pair's seeded eps (ablation)
+  reflow_rounds: int = 1  # round k + 1 re-couples from the round-k student
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
@@ -96,6 +119,7 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  distill: DistillConfig = DistillConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +315,14 @@ def validate(cfg: Config) -> None:
   if d.num_mask_states and m.noise_dim:
     raise UserError('diffusion.num_mask_states (finite mask) and model.noise_dim (continuous eps) '
                     'are alternatives: set one of them to 0')
+  if cfg.distill.divergence not in DIVERGENCES:
+    raise UserError(f'distill.divergence={cfg.distill.divergence!r}: expected one of '
+                    f'{", ".join(DIVERGENCES)}')
+  if cfg.distill.teacher_grid not in TEACHER_GRIDS:
+    raise UserError(f'distill.teacher_grid={cfg.distill.teacher_grid!r}: expected one of '
+                    f'{", ".join(TEACHER_GRIDS)}')
+  if cfg.distill.round_steps < 1 or cfg.distill.num_rounds < 1:
+    raise UserError('distill.round_steps and distill.num_rounds must be >= 1')
   if cfg.data.seq_len < 3:
     raise UserError(f'data.seq_len={cfg.data.seq_len} is too short for BOS + token + EOS')
   for name in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every'):

@@ -31,6 +31,22 @@ def nelbo_per_token(log_probs: Float[Array, 'B L V'], x: Int[Array, 'B L'],
   return -log_p / t[:, None]
 
 
+def divergence(student: Float[Array, 'B L V'], teacher: Float[Array, 'B L V'],
+               kind: str) -> Float[Array, 'B L']:
+  """Per-position divergence between log-probability rows (SDTT's distillation losses)."""
+  p_s, p_t = jnp.exp(student), jnp.exp(teacher)
+  if kind == 'kl-bwd':  # KL(student || teacher): mode-seeking, the SDTT paper's best
+    return jnp.sum(p_s * (student - teacher), axis=-1)
+  if kind == 'kl-fwd':  # KL(teacher || student)
+    return jnp.sum(p_t * (teacher - student), axis=-1)
+  if kind == 'mse':  # on log-probs, over the tokens either side can produce
+    live = (p_s > 0) | (p_t > 0)
+    return jnp.sum(jnp.where(live, jnp.square(student - teacher), 0.0), -1) / student.shape[-1]
+  if kind == 'tvd':
+    return 0.5 * jnp.sum(jnp.abs(p_s - p_t), axis=-1)
+  raise ValueError(f'unknown divergence {kind!r}')
+
+
 def nelbo(logits: Float[Array, 'B L V'], x: Int[Array, 'B L'], z_t: Int[Array, 'B L'],
           t: Float[Array, 'B'], valid: Int[Array, 'B L'],
           mask_id: int) -> tuple[Float[Array, ''], Float[Array, '']]:

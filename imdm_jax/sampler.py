@@ -32,8 +32,8 @@ from imdm_jax.config import Config
 T_MIN = 1e-5
 FINAL_MODES = ('ancestral', 'greedy')
 
-# (z_t, eps or None, t) -> logits; t matters only to time-conditioned networks
-Denoiser = Callable[[Int[Array, 'B L'], Array | None, Float[Array, '']], Float[Array, 'B L V']]
+# (z_t, eps or None, t [B]) -> logits; t matters only to time-conditioned networks
+Denoiser = Callable[[Int[Array, 'B L'], Array | None, Float[Array, 'B']], Float[Array, 'B L V']]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +76,26 @@ def nucleus(probs: Float[Array, '... V'], top_p: float) -> Float[Array, '... V']
 def transition_probs(x_theta: Float[Array, 'B L V'], alpha_t, alpha_s, mask_id: int,
                      with_reset: bool) -> Float[Array, 'B L K']:
   """Unnormalised reverse-step probabilities of a masked position: V slots (the mask slot meaning
-  "stay masked, keep eps"), plus a reset slot when eps may be re-drawn (K = V + 1)."""
-  probs = x_theta * ((alpha_s - alpha_t) / (1.0 - alpha_t))
+  "stay masked, keep eps"), plus a reset slot when eps may be re-drawn (K = V + 1). The alphas
+  are scalars or broadcast against `[B, L]`."""
+  alpha_t, alpha_s = jnp.asarray(alpha_t), jnp.asarray(alpha_s)
+  slot = lambda v: jnp.broadcast_to(v, x_theta.shape[:-1])
+  probs = x_theta * ((alpha_s - alpha_t) / (1.0 - alpha_t))[..., None]
   stay = (1.0 - alpha_s) / (1.0 - alpha_t)
   if not with_reset:
-    return probs.at[..., mask_id].set(stay)
+    return probs.at[..., mask_id].set(slot(stay))
   keep = alpha_t * (1.0 - alpha_s) / (alpha_s * (1.0 - alpha_t))
-  probs = probs.at[..., mask_id].set(keep)
-  return jnp.concatenate([probs, jnp.broadcast_to(stay - keep, probs.shape[:-1] + (1,))], -1)
+  probs = probs.at[..., mask_id].set(slot(keep))
+  return jnp.concatenate([probs, slot(stay - keep)[..., None]], -1)
 
 
 def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, mask_id: int,
-           cfg: Config, scfg: SamplerConfig) -> tuple[Int[Array, 'B L'], dict[str, Array]]:
+           cfg: Config, scfg: SamplerConfig, t0: Float[Array, 'B'] | None = None
+           ) -> tuple[Int[Array, 'B L'], dict[str, Array]]:
   """Runs the reverse process from `z` (masks where unknown, tokens where given) to t = 0.
+
+  `t0`: per-sequence start times (ReDi couplings start each pair at its own t); default
+  `scfg.t0` for all.
 
   `eps`: the IMDM mask noise of z ([B, L, D] or [B, L] states), None for MDLM. Returns the
   samples and {'nfe': network calls, 'resets': eps re-draws, 'masks_per_step': [B, S] masks left
@@ -98,7 +105,9 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
   imdm = eps is not None
   with_reset = imdm and not scfg.fix_eps
   draw_dtype = jnp.float64 if scfg.float64 else jnp.float32
-  grid = time_grid(scfg.steps, scfg.t0).astype(draw_dtype)
+  B, L = z.shape
+  starts = jnp.full((B,), scfg.t0) if t0 is None else t0
+  grid = (starts[:, None] * time_grid(scfg.steps)[None]).astype(draw_dtype)  # [B, S + 1]
   a_eps = cfg.diffusion.eps
 
   def x_theta_of(z, eps, t):
@@ -108,13 +117,13 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
     z, eps, log_x, changed, nfe, resets = carry
     k_draw, k_eps = jax.random.split(jax.random.fold_in(key, k))
     if scfg.cache:
-      log_x = jax.lax.cond(changed, x_theta_of, lambda *_: log_x, z, eps, grid[k])
+      log_x = jax.lax.cond(changed, x_theta_of, lambda *_: log_x, z, eps, grid[:, k])
       nfe = nfe + changed.astype(jnp.int32)
     else:
-      log_x, nfe = x_theta_of(z, eps, grid[k]), nfe + 1
+      log_x, nfe = x_theta_of(z, eps, grid[:, k]), nfe + 1
     last = k == scfg.steps - 1
-    alpha_t = schedule.alpha(grid[k], a_eps)
-    alpha_s = jnp.where(last, 1.0, schedule.alpha(grid[k + 1], a_eps))
+    alpha_t = schedule.alpha(grid[:, k], a_eps)[:, None]  # [B, 1]
+    alpha_s = jnp.where(last, 1.0, schedule.alpha(grid[:, k + 1], a_eps))[:, None]
     x_theta = jnp.exp(log_x.astype(draw_dtype))
     if scfg.top_p < 1.0:
       x_theta = nucleus(x_theta, scfg.top_p)
@@ -130,7 +139,6 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
     carry = (new_z, eps, log_x, changed, nfe, resets + jnp.sum(reset, dtype=jnp.int32))
     return carry, jnp.sum(new_z == mask_id, axis=-1, dtype=jnp.int32)
 
-  B, L = z.shape
   log_x = jnp.zeros((B, L, cfg.model.vocab_size), jnp.float32)
   init = (z, eps, log_x, jnp.array(True), jnp.int32(0), jnp.int32(0))
   (z, _, _, _, nfe, resets), masks = jax.lax.scan(body, init, jnp.arange(scfg.steps))
@@ -153,7 +161,8 @@ def model_denoiser(params, graphdef, cfg: Config) -> Denoiser:
   model = nnx.merge(graphdef, params)
 
   def denoiser(z, eps, t):
-    sigma = jnp.full((z.shape[0],), schedule.sigma(t, cfg.diffusion.eps), jnp.float32)
+    sigma = jnp.broadcast_to(schedule.sigma(t, cfg.diffusion.eps), (z.shape[0],))
+    sigma = sigma.astype(jnp.float32)
     return model(z, sigma, eps)
 
   return denoiser

@@ -57,6 +57,11 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     return total / jnp.maximum(count, 1.0)
 
   value, grads = jax.value_and_grad(objective)(state.params)
+  return apply_gradients(state, grads, value, cfg)
+
+
+def apply_gradients(state: TrainState, grads, value, cfg: Config) -> tuple[TrainState, dict]:
+  """One optimizer update and EMA step; shared by training and distillation."""
   tx = make_optimizer(cfg.optim)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

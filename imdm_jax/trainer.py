@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import time
+from typing import Any, Callable
 
 import jax
 from tqdm import tqdm
@@ -17,6 +18,28 @@ from tqdm import tqdm
 from imdm_jax import (checkpoint, config as config_lib, init_from as init_lib, metrics, sharding,
                       train_state, train_step)
 from imdm_jax.data import pipeline, store
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """What a run trains: its data, how its state is made, and its pure step. `train.py` trains a
+  `TrainState` on rows; distillation wraps one (SDTT adds a frozen teacher, ReDi reads
+  couplings) and reuses this loop, its checkpoints and its evaluation."""
+  data: Callable[[config_lib.Config], store.Dataset]
+  init: Callable[..., Any]  # (cfg, mask_id, mesh, init_from) -> a fresh state
+  abstract: Callable[..., Any]  # (cfg, mask_id, mesh) -> its restore target
+  step: Callable[..., Any]  # pure (state, batch, *, graphdef, cfg) -> (state, metrics)
+  student: Callable[[Any], train_state.TrainState] = lambda state: state
+  before_step: Callable[[Any, int], Any] = lambda state, step: state  # e.g. round boundaries
+
+
+def _fresh_train_state(cfg, mask_id, mesh, init_from):
+  state = train_state.init_state(cfg, mask_id, mesh)
+  return init_lib.initialise(state, cfg, init_from, mask_id, mesh) if init_from else state
+
+
+TRAIN = Program(data=store.prepare, init=_fresh_train_state, abstract=train_state.abstract_state,
+                step=train_step.train_step)
 
 
 @dataclasses.dataclass
@@ -41,7 +64,8 @@ def evaluate(eval_fn, params, rows, cfg: config_lib.Config, mesh) -> tuple[float
   return nelbo, math.exp(min(nelbo, 50.0))
 
 
-def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) -> Summary:
+def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
+          program: Program = TRAIN) -> Summary:
   """Trains (or resumes) a run in `workdir`; a fresh run may start from `init_from`'s EMA weights."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -54,24 +78,23 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
   if latest is not None:
     checkpoint.check_compatible(ckpt.saved_config(latest), cfg, workdir)
 
-  data = store.prepare(cfg)
+  data = program.data(cfg)
   mask_id = data.tokenizer.mask_id
   graphdef = train_state.model_graphdef(cfg, mask_id)
   train_iter = pipeline.train_iterator(data.train, cfg.train.batch_size, cfg.train.seed)
   if latest is not None:
-    state = ckpt.restore(train_state.abstract_state(cfg, mask_id, mesh), train_iter)
+    state = ckpt.restore(program.abstract(cfg, mask_id, mesh), train_iter)
   else:
-    state = train_state.init_state(cfg, mask_id, mesh)
-    if init_from:
-      state = init_lib.initialise(state, cfg, init_from, mask_id, mesh)
+    state = program.init(cfg, mask_id, mesh, init_from)
   checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config_lib.to_dict(cfg))
 
-  step_fn = train_step.compile_train_step(cfg, graphdef, mesh, state)
-  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, state.params)
+  step_fn = train_step.compile_train_step(cfg, graphdef, mesh, state, program.step)
+  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, program.student(state).params)
   writer = metrics.MetricWriter(workdir)
-  start = int(state.step)
+  start = int(program.student(state).step)
   if is_main:
-    print(f'{train_state.param_count(state.params):,} parameters | mesh {dict(mesh.shape)} | '
+    print(f'{train_state.param_count(program.student(state).params):,} parameters | '
+          f'mesh {dict(mesh.shape)} | '
           f'{len(data.train):,} train rows, {len(data.validation):,} validation rows | '
           f'{"resuming at step " + str(start) if start else "fresh start"}'
           f'{" from " + init_from if init_from and latest is None else ""} | {workdir}')
@@ -82,6 +105,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
   bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
   pending = None
   for step in range(start + 1, cfg.train.num_steps + 1):
+    state = program.before_step(state, step)
     state, out = step_fn(state, sharding.to_global(next(train_iter), mesh))
     if pending is not None:  # one step in flight: the host prepares the next batch meanwhile,
       jax.block_until_ready(pending)  # and the bar counts finished steps, not queued ones
@@ -100,7 +124,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
       bar.set_postfix(loss=f'{out["loss"]:.3f}', steps_s=f'{rate:.2f}',
                       tok_s=f'{rate * tokens_per_step:,.0f}')
     if step % cfg.train.eval_every == 0 or done:
-      val_loss, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
+      val_loss, val_ppl = evaluate(eval_fn, program.student(state).ema, data.validation, cfg, mesh)
       writer.write(step, {'val/loss': val_loss, 'val/ppl': val_ppl})
       if is_main:
         bound = '' if cfg.model.arch == 'gpt2' else ' <='  # the NELBO only bounds the perplexity
@@ -114,11 +138,11 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None) ->
     bar.update(1)
   bar.close()
   if start >= cfg.train.num_steps:  # nothing left to train: still report where the run stands
-    val_loss, val_ppl = evaluate(eval_fn, state.ema, data.validation, cfg, mesh)
+    val_loss, val_ppl = evaluate(eval_fn, program.student(state).ema, data.validation, cfg, mesh)
   ckpt.wait()
   ckpt.close()
   writer.close()
-  step = int(state.step)
+  step = int(program.student(state).step)
   if is_main:
     print(f'done: step {step}, validation perplexity {val_ppl:.2f} | checkpoints '
           f'{ckpt.directory} | metrics {writer.path} | config {os.path.join(workdir, "config.json")}')

@@ -155,7 +155,7 @@ def test_start_time_and_greedy_final():
   z = jnp.full((4, 12), 16, jnp.int32)
   scfg = sampler.SamplerConfig(steps=1, final='greedy')
   x, _ = sampler.sample(denoiser, jax.random.PRNGKey(0), z, None, mask_id=16, cfg=cfg, scfg=scfg)
-  expected = jnp.argmax(denoiser(z, None, 1.0)[..., :16], -1)
+  expected = jnp.argmax(denoiser(z, None, jnp.ones((4,)))[..., :16], -1)
   np.testing.assert_array_equal(x, expected)
   np.testing.assert_allclose(sampler.time_grid(4, 0.5), 0.5 * np.linspace(1, 1e-5, 5), rtol=1e-6)
 

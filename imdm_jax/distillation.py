@@ -1,0 +1,39 @@
+"""Distillation runs as trainer `Program`s: the loop, checkpoints, resumption and evaluation are
+`trainer.train`'s; what differs is the state (a student plus a frozen teacher) and the step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from imdm_jax import sdtt, train_state, trainer
+from imdm_jax.config import Config
+from imdm_jax.data import store
+from imdm_jax.errors import UserError
+
+
+def sdtt_program(cfg: Config) -> trainer.Program:
+  """SDTT: the student starts from the teacher checkpoint's EMA weights (an IMDM student adds a
+  zero-initialised noise path), the teacher is a copy of them; rounds advance by step count, so a
+  run resumed mid-round continues that round with the saved teacher."""
+
+  def init(cfg, mask_id, mesh, teacher):
+    if not teacher:
+      raise UserError('SDTT needs --teacher CHECKPOINT (an MDLM or IMDM run or conversion)')
+    student = trainer.TRAIN.init(cfg, mask_id, mesh, teacher)
+    return sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
+                          round=jnp.zeros((), jnp.int32))
+
+  def abstract(cfg, mask_id, mesh: Mesh):
+    student = train_state.abstract_state(cfg, mask_id, mesh)
+    round_ = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    return sdtt.SdttState(student=student, teacher=student.params, round=round_)
+
+  def before_step(state: sdtt.SdttState, step: int) -> sdtt.SdttState:
+    while int(state.round) < (step - 1) // cfg.distill.round_steps:
+      state = sdtt.next_round(state)
+    return state
+
+  return trainer.Program(data=store.prepare, init=init, abstract=abstract, step=sdtt.sdtt_step,
+                         student=lambda state: state.student, before_step=before_step)
