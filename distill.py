@@ -1,18 +1,23 @@
-"""Few-step distillation of MDLM and IMDM students: SDTT (and, next, ReDi).
+"""Few-step distillation of MDLM and IMDM students: SDTT and ReDi (and SDTT followed by ReDi).
 
-  python distill.py sdtt --teacher runs/default --workdir runs/sdtt
-  python distill.py sdtt --teacher runs/default --workdir runs/sdtt-imdm --preset tiny-imdm \\
+  python distill.py sdtt --teacher runs/default --workdir runs/sdtt \\
       --set distill.round_steps=500 --set distill.num_rounds=3
+  python distill.py redi-generate --teacher runs/sdtt --out runs/pairs --set distill.num_pairs=4096
+  python distill.py redi-train --couplings runs/pairs --init runs/sdtt --workdir runs/redi
+  python distill.py redi --teacher runs/sdtt --workdir runs/reflow --set distill.reflow_rounds=3
 
-The run lasts `distill.num_rounds x distill.round_steps` steps; the preset's optimizer applies
-(the SDTT paper: lr 6e-5, 500 warm-up steps, EMA 0.9999, clip 1.0: `--preset` + `--set optim.*`).
-Resumes from --workdir like train.py. Bad input: one line on stderr, exit status 2.
+`sdtt` lasts num_rounds x round_steps steps. `redi` runs distill.reflow_rounds rounds of
+generate + train (round k + 1 couples from the round-k student, with fresh seeds) in
+WORKDIR/round{k}. `--preset` sets the student's architecture, data and optimizer (the papers'
+hyperparameters: `--set optim.lr=6e-5` for SDTT, `3e-4` for ReDi). Runs resume from their
+directories like train.py. Bad input: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from imdm_jax import config as config_lib
 from imdm_jax import runtime
@@ -22,28 +27,53 @@ from imdm_jax.errors import exits_cleanly
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('method', choices=['sdtt'])
-  p.add_argument('--teacher', required=True, help='the run or converted checkpoint to distil')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--preset', default='tiny',
-                 help='architecture, data and optimizer of the student (default tiny)')
+  p.add_argument('method', choices=['sdtt', 'redi-generate', 'redi-train', 'redi'])
+  p.add_argument('--teacher', help='sdtt, redi-generate, redi: the run or checkpoint to distil')
+  p.add_argument('--couplings', help='redi-train: a redi-generate output directory')
+  p.add_argument('--init', help='redi-train: the student\'s starting checkpoint')
+  p.add_argument('--out', help='redi-generate: where the couplings go')
+  p.add_argument('--workdir', help='sdtt, redi-train, redi: the run directory')
+  p.add_argument('--preset', default='tiny', help='the student (default tiny)')
   p.add_argument('--set', dest='overrides', action='append', default=[],
                  metavar='SECTION.KEY=VALUE')
   return p.parse_args(argv)
+
+
+def _need(args, *names):
+  from imdm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  for name in names:
+    if not getattr(args, name):
+      raise UserError(f'{args.method} needs --{name}')
 
 
 @exits_cleanly
 def main(argv=None) -> None:
   args = parse_args(argv)
   runtime.setup()
-  from imdm_jax import distillation, trainer  # pylint: disable=g-import-not-at-top
+  from imdm_jax import distillation, redi, trainer  # pylint: disable=g-import-not-at-top
   cfg = config_lib.resolve(args.preset, args.overrides)
-  d = cfg.distill
-  cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-      cfg.train, num_steps=d.num_rounds * d.round_steps))
-  config_lib.validate(cfg)
-  trainer.train(cfg, args.workdir, init_from=args.teacher,
-                program=distillation.sdtt_program(cfg))
+  if args.method == 'sdtt':
+    _need(args, 'teacher', 'workdir')
+    d = cfg.distill
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, num_steps=d.num_rounds * d.round_steps))
+    trainer.train(cfg, args.workdir, init_from=args.teacher, program=distillation.sdtt_program(cfg))
+  elif args.method == 'redi-generate':
+    _need(args, 'teacher', 'out')
+    print(f'couplings: {redi.generate(cfg, args.teacher, args.out)}')
+  elif args.method == 'redi-train':
+    _need(args, 'couplings', 'init', 'workdir')
+    trainer.train(cfg, args.workdir, init_from=args.init,
+                  program=distillation.redi_program(args.couplings))
+  else:  # reflow: each round couples from the previous round's student, with fresh seeds
+    _need(args, 'teacher', 'workdir')
+    teacher = args.teacher
+    for k in range(cfg.distill.reflow_rounds):
+      root = os.path.join(args.workdir, f'round{k}')
+      pairs = redi.generate(cfg, teacher, os.path.join(root, 'couplings'),
+                            seed_offset=k * cfg.distill.num_pairs)
+      trainer.train(cfg, root, init_from=teacher, program=distillation.redi_program(pairs))
+      teacher = root
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imdm_jax import sdtt, train_state, trainer
+from imdm_jax import redi, sdtt, train_state, trainer
 from imdm_jax.config import Config
 from imdm_jax.data import store
 from imdm_jax.errors import UserError
@@ -37,3 +37,21 @@ def sdtt_program(cfg: Config) -> trainer.Program:
 
   return trainer.Program(data=store.prepare, init=init, abstract=abstract, step=sdtt.sdtt_step,
                          student=lambda state: state.student, before_step=before_step)
+
+
+def redi_program(couplings: str) -> trainer.Program:
+  """ReDi rectification: the student (from `--init`'s EMA weights) trains on the pairs in
+  `couplings`; validation is the NELBO on the real validation split."""
+
+  def data(cfg):
+    real = store.prepare(cfg)
+    pairs = redi.load(couplings, cfg, real.tokenizer.name)
+    return store.Dataset(real.tokenizer, pairs, real.validation, couplings)
+
+  def init(cfg, mask_id, mesh, start):
+    if not start:
+      raise UserError('ReDi training needs --init CHECKPOINT (the model that made the couplings)')
+    return trainer.TRAIN.init(cfg, mask_id, mesh, start)
+
+  return trainer.Program(data=data, init=init, abstract=train_state.abstract_state,
+                         step=redi.redi_step)

@@ -1,0 +1,170 @@
+"""ReDi: rectified discrete flow (method.md §4), for MDLM and IMDM students.
+
+Coupling generation: for N training rows x, draw t (U(0, 1), or 1 for a `full_mask_fraction` of
+the pairs), mask each token w.p. t, derive eps from an integer seed per pair (`noise.seeded_eps`),
+and run the current model's sampler from t to 0 (`distill.teacher_steps`, the grid scaled by t).
+Pairs `(z_T, x_hat, t, seed)` are written chunk by chunk (a run killed half-way resumes at the
+next missing chunk), then gathered into a tfds ArrayRecord dataset next to them.
+
+Rectification: the NELBO term at the stored t, input z_T with eps regenerated from the seed (or
+fresh, with `ignore_seed`), target x_hat at the positions masked in z_T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from flax import nnx
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+from tqdm import tqdm
+
+from imdm_jax import init_from, loss, noise, sampler, schedule, sharding, train_state
+from imdm_jax.config import Config, MeshConfig
+from imdm_jax.data import store
+from imdm_jax.errors import UserError
+from imdm_jax.train_step import Batch, apply_gradients
+
+META = 'couplings.json'
+
+
+def coupling_inputs(key: PRNGKeyArray, x: Int[Array, 'B L'], mask_id: int,
+                    full_mask_fraction: float) -> tuple[Int[Array, 'B L'], Float[Array, 'B']]:
+  """(z_T, t): perturbed starting points, each token masked with probability t."""
+  k_t, k_full, k_mask = jax.random.split(key, 3)
+  t = jax.random.uniform(k_t, x.shape[:1], jnp.float32, minval=1e-3)
+  t = jnp.where(jax.random.uniform(k_full, t.shape) < full_mask_fraction, 1.0, t)
+  z = jnp.where(jax.random.uniform(k_mask, x.shape, jnp.float32) < t[:, None], mask_id, x)
+  return z, t
+
+
+def compile_coupler(cfg: Config, graphdef, mesh, mask_id: int):
+  """`run(params, key, x, seeds) -> (z_T, x_hat, t)`, the teacher run compiled over the mesh."""
+  d = cfg.distill
+  scfg = sampler.SamplerConfig(steps=d.teacher_steps, temperature=d.teacher_temperature,
+                               final=d.teacher_final, fix_eps=d.teacher_fix_eps)
+  sampler.validate(scfg, cfg)
+
+  @jax.jit
+  def program(params, key, x, seeds):
+    k_in, k_run = jax.random.split(key)
+    z, t = coupling_inputs(k_in, x, mask_id, d.full_mask_fraction)
+    eps = noise.seeded_eps(seeds, x.shape[1], cfg) if noise.is_imdm(cfg) else None
+    x_hat, _ = sampler.sample(sampler.model_denoiser(params, graphdef, cfg), k_run, z, eps,
+                              mask_id=mask_id, cfg=cfg, scfg=scfg, t0=t)
+    return z, x_hat, t
+
+  def run(params, key, x, seeds):
+    with jax.enable_x64(scfg.float64):
+      put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
+      return jax.device_get(program(params, key, put(x), put(seeds)))
+
+  return run
+
+
+def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
+  """Writes `cfg.distill.num_pairs` couplings of `teacher` into `out`; returns the dataset dir."""
+  mesh = sharding.make_mesh(MeshConfig())
+  data = store.prepare(cfg)
+  mask_id = data.tokenizer.mask_id
+  params, teacher_cfg = init_from.load_ema(teacher, mask_id, mesh)
+  for section, key in (('model', 'vocab_size'), ('data', 'seq_len'), ('data', 'tokenizer')):
+    theirs, ours = getattr(getattr(teacher_cfg, section), key), getattr(getattr(cfg, section), key)
+    if theirs != ours:
+      raise UserError(f'--teacher {teacher} has {section}.{key}={theirs!r}, the student {ours!r}')
+  # The teacher samples as itself (an MDLM teacher may couple for an IMDM student); the seeds are
+  # stored either way, and the student derives its own eps from them.
+  tcfg = dataclasses.replace(teacher_cfg, distill=cfg.distill)
+  run = compile_coupler(tcfg, train_state.model_graphdef(tcfg, mask_id), mesh, mask_id)
+  n, batch = cfg.distill.num_pairs, cfg.train.batch_size
+  chunks = os.path.join(out, 'chunks')
+  os.makedirs(chunks, exist_ok=True)
+  order = np.random.default_rng(cfg.train.seed + seed_offset).permutation(len(data.train))
+  for c in tqdm(range(-(-n // batch)), desc='couplings'):
+    path = os.path.join(chunks, f'chunk_{c:06d}.npz')
+    if os.path.exists(path):
+      continue  # written by an interrupted earlier run
+    index = np.arange(c * batch, (c + 1) * batch)
+    rows = [data.train[int(order[i % len(order)])] for i in index]
+    x = np.stack([r['tokens'] for r in rows])
+    seeds = (seed_offset + index).astype(np.int32)
+    z, x_hat, t = run(params, jax.random.PRNGKey(seed_offset * 1_000_003 + c), x, seeds)
+    keep = index < n
+    tmp = path + f'.tmp{os.getpid()}.npz'
+    np.savez(tmp, z_T=z[keep], x_hat=x_hat[keep], t=t[keep].astype(np.float32), seed=seeds[keep],
+             attention_mask=np.stack([r['attention_mask'] for r in rows])[keep])
+    os.replace(tmp, path)
+  meta = {'seq_len': cfg.data.seq_len, 'vocab_size': cfg.model.vocab_size,
+          'tokenizer': data.tokenizer.name, 'num_pairs': n, 'teacher': os.path.abspath(teacher)}
+  Couplings(chunks=chunks, seq_len=cfg.data.seq_len, data_dir=out).download_and_prepare()
+  with open(os.path.join(out, META), 'w') as f:
+    json.dump(meta, f, indent=2)
+  return out
+
+
+class Couplings(tfds.core.GeneratorBasedBuilder):
+  """ReDi pairs as ArrayRecord: z_T, x_hat, attention_mask [L] int32, t float32, seed int32."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def __init__(self, *, chunks: str = '', seq_len: int = 0, **kwargs):
+    self._chunks, self._seq_len = chunks, seq_len
+    super().__init__(file_format='array_record', **kwargs)
+
+  def _info(self):
+    row = tfds.features.Tensor(shape=(self._seq_len,), dtype=np.int32)
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'z_T': row, 'x_hat': row, 'attention_mask': row,
+        't': tfds.features.Scalar(dtype=np.float32), 'seed': tfds.features.Scalar(dtype=np.int32)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for path in sorted(glob.glob(os.path.join(self._chunks, 'chunk_*.npz'))):
+      chunk = np.load(path)
+      for i, seed in enumerate(chunk['seed']):
+        yield int(seed), {k: chunk[k][i] for k in chunk.files}
+
+
+def load(path: str, cfg: Config, tokenizer_name: str):
+  """The coupling rows at `path`, checked against the student's vocabulary and length."""
+  meta_path = os.path.join(path, META)
+  if not os.path.exists(meta_path):
+    raise UserError(f'--couplings {path}: no {META} (generate with `distill.py redi-generate`)')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  for key, ours in (('seq_len', cfg.data.seq_len), ('vocab_size', cfg.model.vocab_size),
+                    ('tokenizer', tokenizer_name)):
+    if meta[key] != ours:
+      raise UserError(f'--couplings {path}: {key}={meta[key]!r}, the student has {ours!r}')
+  builder = tfds.builder_from_directory(glob.glob(os.path.join(path, 'couplings', '*'))[0])
+  return builder.as_data_source()['train']
+
+
+def redi_step(state: train_state.TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+              cfg: Config) -> tuple[train_state.TrainState, dict[str, Array]]:
+  k_eps, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  z, x_hat, t = batch['z_T'], batch['x_hat'], batch['t']
+  if not noise.is_imdm(cfg):
+    eps = None
+  elif cfg.distill.ignore_seed:
+    eps = noise.draw_eps(k_eps, z.shape, cfg)
+  else:
+    eps = noise.seeded_eps(batch['seed'], z.shape[1], cfg)
+
+  def objective(params):
+    model = nnx.merge(graphdef, params)
+    logits = model(z, schedule.sigma(t, cfg.diffusion.eps), eps, dropout_key=k_drop)
+    total, count = loss.nelbo(logits, x_hat, z, t, batch['attention_mask'], model.mask_id)
+    return total / jnp.maximum(count, 1.0)
+
+  value, grads = jax.value_and_grad(objective)(state.params)
+  return apply_gradients(state, grads, value, cfg)
