@@ -10,6 +10,10 @@ SRC: a Hugging Face `model.safetensors` (or a sharded `model.safetensors.index.j
 Lightning `.ckpt`. The architecture is inferred from the tensors; the preset follows the vocabulary
 (V=50258: owt-small, V=30522: lm1b-small, `-imdm` variants for IMDM weights) unless --preset says.
 
+Hugging Face GPT-2 weights (`gpt2` ... `gpt2-large`: keys `wte.weight`, `h.0.attn.c_attn.weight`,
+...) are recognised and become a causal-LM run (`model.arch=gpt2`), the Gen PPL evaluator of
+`sample.py --eval --evaluator OUT`.
+
 Security: a `.ckpt` is a pickle that must be unpickled in full, which executes code from the file:
 convert only checkpoints you trust. `.bin` files are read with torch's safe `weights_only` loader,
 safetensors without any pickle.
