@@ -3,6 +3,7 @@
   python train.py                                  # the `tiny` preset on the embedded corpus
   python train.py --preset lm1b-small --workdir runs/lm1b --set train.batch_size=256
   python train.py --preset tiny-imdm --workdir runs/imdm --init_from runs/default
+  python train.py --multihost ...                  # every host of a TPU pod slice / GPU cluster
 
 Resumes from `--workdir` automatically. Bad input: one line on stderr, exit status 2.
 """
@@ -10,6 +11,7 @@ Resumes from `--workdir` automatically. Bad input: one line on stderr, exit stat
 from __future__ import annotations
 
 import argparse
+import os
 
 from imdm_jax import config as config_lib
 from imdm_jax import runtime
@@ -29,6 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help='start a fresh run from the EMA weights of this run directory or '
                            'checkpoint (e.g. an IMDM from an MDLM); ignored when resuming')
   parser.add_argument('--list_presets', action='store_true', help='print the presets and exit')
+  cluster = parser.add_argument_group(
+      'multi-process', 'one process per host, each running the same command (README, Scaling out)')
+  cluster.add_argument('--multihost', action='store_true',
+                       help='join a multi-process job found by jax.distributed.initialize (TPU pod '
+                            'slice, Slurm, Open MPI, Kubernetes); automatic under srun/mpirun with '
+                            'more than one task or when JAX_COORDINATOR_ADDRESS is set')
+  cluster.add_argument('--coordinator', metavar='HOST:PORT',
+                       help='address of process 0 (clusters JAX does not detect, local emulation)')
+  cluster.add_argument('--num_processes', type=int, metavar='N', help='processes in the job')
+  cluster.add_argument('--process_id', type=int, metavar='I', help='this process, 0 .. N-1')
   return parser.parse_args(argv)
 
 
@@ -39,8 +51,9 @@ def main(argv=None) -> None:
     for name, fn in sorted(config_lib.PRESETS.items()):
       print(f'{name}: {fn.__doc__.strip()}\n')
     return
-  runtime.setup()
-  cfg = config_lib.resolve(args.preset, args.overrides)
+  cfg = config_lib.resolve(args.preset, args.overrides)  # bad flags fail before joining a job
+  runtime.setup(args.multihost or runtime.launched_as_multiprocess(os.environ),
+                args.coordinator, args.num_processes, args.process_id)
   from imdm_jax import trainer  # pylint: disable=g-import-not-at-top  (after runtime.setup)
   trainer.train(cfg, args.workdir, init_from=args.init_from)
 

@@ -3,7 +3,10 @@ position and the resolved config, in one `CheckpointManager` step directory.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run that
 dies mid-save leaves the previous checkpoint intact. Every process takes part in saves and
-restores (each writes its own shards and its own iterator state).
+restores (each writes its own shards). The data position is one JSON object for all processes
+(`pipeline.train_iterator` gives every process the same one, whatever their number), so a run
+can resume on a different number of processes; grain's own handler would keep one file per
+process, readable only by the same number of processes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -41,7 +43,7 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state),
              'config': ocp.args.JsonSave(config_lib.to_dict(cfg))}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+      items['data_position'] = ocp.args.JsonSave(data_iter.get_state())  # process 0 writes it
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def saved_config(self, step: int | None = None) -> config_lib.Config:
@@ -55,8 +57,15 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+      if 'data_position' not in self._manager.item_metadata(step):
+        raise UserError(f'checkpoint {step} in {self.directory} keeps its data position per '
+                        'process (an older format): resume it with the version that wrote it, or '
+                        'start a new workdir from it with --init_from')
+      items['data_position'] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:
+      data_iter.set_state(restored.data_position)
+    return restored.state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

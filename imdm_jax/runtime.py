@@ -1,17 +1,50 @@
-"""Process-level setup shared by the entry scripts: multi-host initialisation, the persistent
-compilation cache and quieter logs. Call `setup()` before anything touches a JAX device."""
+"""Process-level setup shared by the entry scripts: multi-process initialisation, the persistent
+compilation cache and quieter logs. Call `setup()` before anything touches a JAX device.
+
+Multi-controller JAX runs the same program once per host (or several times on one machine, to
+emulate that): `jax.distributed.initialize` connects the processes, after which `jax.devices()`
+lists every device of the job and each process feeds its own slice of every batch.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Mapping
 
 import jax
 
+from imdm_jax.errors import UserError
 
-def setup(multihost: bool = False) -> None:
-  if multihost:
-    jax.distributed.initialize()  # reads the cluster from the environment (TPU, SLURM, ...)
+
+def launched_as_multiprocess(environ: Mapping[str, str]) -> bool:
+  """Whether a launcher started this program as one of several processes: JAX's own variable, a
+  Slurm job step (`srun`) or an Open MPI job (`mpirun`) with more than one task. The step's task
+  count, not the allocation's: an `sbatch` script runs once even in a 64-task allocation.
+  TPU pod slices and Kubernetes are not guessed (that needs a metadata query): pass --multihost."""
+  if 'JAX_COORDINATOR_ADDRESS' in environ:
+    return True
+  counts = (environ.get('SLURM_STEP_NUM_TASKS', '1'), environ.get('OMPI_COMM_WORLD_SIZE', '1'))
+  return any(c.isdigit() and int(c) > 1 for c in counts)
+
+
+def setup(multihost: bool = False, coordinator: str | None = None,
+          num_processes: int | None = None, process_id: int | None = None) -> None:
+  """`multihost`: join a multi-process job. Arguments left `None` are found by
+  `jax.distributed.initialize` (TPU pod slice, Slurm, Open MPI, Kubernetes); giving any of
+  `coordinator` ('HOST:PORT' of process 0), `num_processes`, `process_id` implies `multihost`."""
+  explicit = (coordinator, num_processes, process_id)
+  if multihost or any(v is not None for v in explicit):
+    if coordinator is not None:
+      host, _, port = coordinator.rpartition(':')
+      if not host or not port.isdigit():
+        raise UserError(f'--coordinator {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234')
+    try:
+      jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, TypeError) as e:  # jax's messages for a missing or inconsistent cluster
+      hint = (' (outside TPU, Slurm, Open MPI and Kubernetes, pass --coordinator HOST:PORT '
+              '--num_processes N --process_id I)' if None in explicit else '')
+      raise UserError(f'multi-process setup: {e}{hint}') from None
   cache = os.path.expanduser(os.environ.get('IMDM_JAX_CACHE', '~/.cache/imdm_jax/xla'))
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import jax
 from tqdm import tqdm
 
-from imdm_jax import (checkpoint, config as config_lib, init_from as init_lib, metrics, sharding,
-                      train_state, train_step)
+from imdm_jax import (checkpoint, config as config_lib, init_from as init_lib, memory, metrics,
+                      sharding, train_state, train_step)
 from imdm_jax.data import pipeline, store
 
 
@@ -98,6 +98,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
           f'{len(data.train):,} train rows, {len(data.validation):,} validation rows | '
           f'{"resuming at step " + str(start) if start else "fresh start"}'
           f'{" from " + init_from if init_from and latest is None else ""} | {workdir}')
+    print(memory.estimate(cfg, mesh).summary())
 
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   val_loss = val_ppl = float('nan')

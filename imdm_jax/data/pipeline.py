@@ -1,7 +1,7 @@
 """Batches for training (grain, shuffled, checkpointable) and evaluation (a fixed, exact pass).
 
-Each process reads only its own shard of the rows (`rows[process_index::process_count]`) and
-produces its local slice of the global batch; `sharding.to_global` assembles the global array.
+Each process reads only its own slice of every global batch; `sharding.to_global` assembles the
+global array.
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ def local_batch_size(global_batch: int) -> int:
 
 
 def train_iterator(rows: Sequence[dict], global_batch: int, seed: int):
-  """An endless, per-epoch reshuffled iterator of local batches whose position can be saved and
-  restored with `grain.checkpoint` (the state is a few integers, not the data)."""
+  """An endless, per-epoch reshuffled iterator of this process's slices of the global batches.
+
+  The global batches do not depend on the number of processes: all rows are shuffled as one
+  sequence and cut into batches of `global_batch`, of which process p reads rows
+  [p * local, (p + 1) * local). N processes thus train on exactly the batches one process would,
+  and the iterator's state (global batches read, a few integers) means the same for any N, so a
+  checkpoint can resume on a different number of processes."""
   local = local_batch_size(global_batch)
-  shard = grain.MapDataset.source(rows)[jax.process_index()::jax.process_count()]
-  if len(shard) < local:
+  if len(rows) < global_batch:
     raise UserError(f'the training split has {len(rows)} rows, fewer than a batch of {global_batch}')
-  batches = shard.shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
+  slices = grain.MapDataset.source(rows).shuffle(seed=seed).repeat().batch(local,
+                                                                           drop_remainder=True)
+  batches = slices[jax.process_index()::jax.process_count()]  # global batch b: slices bN .. bN+N-1
   # Rows are read on the calling thread: the train loop keeps one step in flight, so reading
   # overlaps the device's work anyway, and no reader thread outlives the iterator (grain's
   # default 16 threads x 500 prefetched batches would also hold ~1 GB of OpenWebText rows).
