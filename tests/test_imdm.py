@@ -12,9 +12,8 @@ import pytest
 from flax import nnx
 
 from imdm_jax import init_from, noise, sharding, train_state, train_step, trainer
-from imdm_jax.config import Config, DiffusionConfig, MeshConfig, ModelConfig
+from imdm_jax.config import Config, MeshConfig, ModelConfig
 from imdm_jax.errors import UserError
-from imdm_jax.model import DiT
 
 MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
 MASK = 36

@@ -1,16 +1,14 @@
 """Samplers against exactly known distributions (an oracle denoiser of a small joint)."""
 
-import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from imdm_jax import sampler, schedule, sharding, train_state
-from imdm_jax.config import Config, DiffusionConfig, MeshConfig, ModelConfig
+from imdm_jax import sampler, sharding, train_state
+from imdm_jax.config import Config, MeshConfig, ModelConfig
 
 V0, L = 3, 3  # data tokens {0, 1, 2}, mask id 3
 MASK = V0
@@ -21,8 +19,7 @@ _W = np.array([8.0 if len(set(c)) == 1 else (1.0 if len(set(c)) == 2 else 0.2) f
 _W[5] = 3.0  # break symmetries
 JOINT = _W / _W.sum()
 
-MDLM_CFG = Config(model=ModelConfig(vocab_size=V0 + 1, noise_dim=4))
-IMDM_CFG = MDLM_CFG
+CFG = Config(model=ModelConfig(vocab_size=V0 + 1, noise_dim=4))  # eps is used only when given
 
 
 def oracle(z, eps, t):
@@ -62,7 +59,7 @@ def _run(steps, n=20_000, imdm=False, seed=0, **kw):
   eps = jnp.zeros((n, L, 4)) if imdm else None
   with jax.enable_x64(scfg.float64):
     run = jax.jit(lambda key, z, eps: sampler.sample(oracle, key, z, eps, mask_id=MASK,
-                                                     cfg=IMDM_CFG, scfg=scfg))
+                                                     cfg=CFG, scfg=scfg))
     x, stats = run(jax.random.PRNGKey(seed), z, eps)
   return np.asarray(x), jax.device_get(stats)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imdm_jax import distillation, init_from, loss, sdtt, sharding, train_state, trainer
-from imdm_jax.config import Config, DistillConfig, MeshConfig, ModelConfig
+from imdm_jax.config import Config, DistillConfig, ModelConfig
 
 
 @pytest.mark.parametrize('kind', ['kl-bwd', 'kl-fwd', 'mse', 'tvd'])
