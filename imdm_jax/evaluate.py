@@ -96,7 +96,7 @@ class Evaluator:
       pad = batch_size - len(r)  # rows of zero weight keep every batch the same shape
       r = np.concatenate([r, np.zeros((pad, r.shape[1]), np.int32)])
       c = np.concatenate([c, np.zeros((pad, c.shape[1]), np.float32)])
-      out = _scorer(self.cfg, self.mesh)(self.params, jax.device_put(r, sharding.batch_sharding(
+      out = _scorer(self.cfg)(self.params, jax.device_put(r, sharding.batch_sharding(
           self.mesh)), jax.device_put(c, sharding.batch_sharding(self.mesh)))
       total += float(out[0])
       count += float(out[1])
@@ -104,7 +104,8 @@ class Evaluator:
 
 
 @functools.cache
-def _scorer(cfg: Config, mesh: Mesh):
+def _scorer(cfg: Config):
+  """One compiled scorer per evaluator config; shardings come from the arguments."""
   graphdef = train_state.model_graphdef(cfg, 0)
 
   @jax.jit
@@ -112,5 +113,4 @@ def _scorer(cfg: Config, mesh: Mesh):
     nll = gpt2.token_nll(nnx.merge(graphdef, params)(rows), rows)
     return jnp.sum(nll * counted), jnp.sum(counted)
 
-  del mesh  # shardings come from the arguments
   return score

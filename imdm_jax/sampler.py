@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from imdm_jax import loss, noise, schedule, sharding
 from imdm_jax.config import Config
+from imdm_jax.errors import UserError
 
 T_MIN = 1e-5
 FINAL_MODES = ('ancestral', 'greedy')
@@ -146,7 +147,6 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
 
 
 def validate(scfg: SamplerConfig, cfg: Config) -> None:
-  from imdm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if scfg.steps < 1:
     raise UserError(f'steps must be >= 1, got {scfg.steps}')
   if scfg.final not in FINAL_MODES:
