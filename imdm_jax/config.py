@@ -29,10 +29,13 @@ class ModelConfig:
   time_conditioning: bool = False  # released models feed sigma = 0
   noise_dim: int = 0  # D of the IMDM mask noise eps; 0 (and no mask states) is plain MDLM
   arch: str = 'dit'  # or 'gpt2': a causal LM trained by next-token NLL (the Gen PPL evaluator)
+  dtype: str = 'float32'  # or 'bfloat16': matmuls in bf16; params, norms, softmax, loss in fp32
+  remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
 
 
 NOISE_TYPES = ('uniform', 'normal', 'learnable')
 ARCHS = ('dit', 'gpt2')
+DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ class TrainConfig:
   eval_batches: int = 0  # 0 evaluates the whole validation split
   ckpt_every: int = 250
   keep_checkpoints: int = 2
+  grad_accum: int = 1  # micro-batches per step, run one after another (same update, less memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +93,19 @@ class MeshConfig:
 
 
 DIVERGENCES = ('kl-bwd', 'kl-fwd', 'mse', 'tvd')
-TEACHER_GRIDS = ('intended', 'wide')
+TEACHER_GRIDS = ('intended', 'wide', 'slip')  # sdtt.teacher_steps documents each
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
   """SDTT (method.md §3) and ReDi (§4). Used by `distill.py` only."""
-  # SDTT: round r distils a teacher of step (1 - eps)/1024 * 2^r into a student of twice that step
+  # SDTT: round r distils a teacher of step (1 - eps)/teacher_base_steps * 2^r into a student of
+  # twice that step
   round_steps: int = 10_000
   num_rounds: int = 7
   divergence: str = 'kl-bwd'  # KL(student || teacher); or kl-fwd, mse (log-probs), tvd
-  teacher_grid: str = 'intended'  # teacher steps t -> t-dt -> t-2dt; 'wide': t -> t-2dt -> t-4dt
+  teacher_grid: str = 'intended'  # t -> t-dt -> t-2dt; or 'wide', 'slip' (sdtt.teacher_steps)
+  teacher_base_steps: int = 1024  # round 0's teacher steps (fewer: a coarse teacher, small tasks)
   # ReDi: couplings (z_T, x_hat_0, t, seed) from the current model, then rectification
   num_pairs: int = 100_000
   teacher_steps: int = 1024  # sampler steps of the coupling run
@@ -286,13 +292,18 @@ def lm1b_redi_imdm() -> Config:
 
 @preset
 def owt_large() -> Config:
-  """SDTT's 860M model: 24x1536 DiT with 16 heads, otherwise as `owt-small`.
+  """SDTT's 860M model: 24x1536 DiT with 16 heads, otherwise as `owt-small`; bf16 matmuls,
+  per-block rematerialisation, batch 512 in 2 micro-batches.
 
-  `python train.py --preset owt-large --set mesh.fsdp=8` on an accelerator slice.
+  `python train.py --preset owt-large --set mesh.fsdp=8` on an accelerator slice. Estimated
+  per device on 8 chips with fsdp=8 (`imdm_jax.memory`; 64 rows each): float32 without remat
+  ~370 GiB, bf16 ~250 GiB, bf16 + remat ~58 GiB, bf16 + remat in 2 micro-batches ~30 GiB — the
+  last fits an 80 GB GPU with room for XLA's transient buffers (grad_accum=1 would leave ~17 GiB).
   """
   cfg = owt_small()
-  return dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, hidden_size=1536, n_blocks=24, n_heads=16))
+  return _with(cfg, model=dict(hidden_size=1536, n_blocks=24, n_heads=16, dtype='bfloat16',
+                               remat=True),
+               train=dict(grad_accum=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,13 +376,18 @@ def validate(cfg: Config) -> None:
   if cfg.distill.teacher_grid not in TEACHER_GRIDS:
     raise UserError(f'distill.teacher_grid={cfg.distill.teacher_grid!r}: expected one of '
                     f'{", ".join(TEACHER_GRIDS)}')
-  if cfg.distill.round_steps < 1 or cfg.distill.num_rounds < 1:
-    raise UserError('distill.round_steps and distill.num_rounds must be >= 1')
+  if min(cfg.distill.round_steps, cfg.distill.num_rounds, cfg.distill.teacher_base_steps) < 1:
+    raise UserError('distill.round_steps, num_rounds and teacher_base_steps must be >= 1')
   if cfg.data.seq_len < 3:
     raise UserError(f'data.seq_len={cfg.data.seq_len} is too short for BOS + token + EOS')
-  for name in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every'):
+  if m.dtype not in DTYPES:
+    raise UserError(f'model.dtype={m.dtype!r}: expected one of {", ".join(DTYPES)}')
+  for name in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every', 'grad_accum'):
     if getattr(cfg.train, name) < 1:
       raise UserError(f'train.{name} must be >= 1, got {getattr(cfg.train, name)}')
+  if cfg.train.batch_size % cfg.train.grad_accum:
+    raise UserError(f'train.batch_size={cfg.train.batch_size} is not divisible by '
+                    f'train.grad_accum={cfg.train.grad_accum}')
 
 
 def to_dict(cfg: Config) -> dict:

@@ -5,6 +5,8 @@ GELU tanh, tied input/output embeddings), with attribute names mirroring its sta
 (`wte`, `wpe`, `h.{i}.attn.c_attn`, `ln_f`, ...; HF's Conv1D weights are already `[in, out]`).
 `gpt2-large` weights ported by `convert.py` make the paper's evaluator; the same network trained
 here by `train.py --preset tiny-ar` (`model.arch='gpt2'`) is the offline evaluator.
+`model.dtype` and `model.remat` act as in the DiT (model.py): bf16 matmuls, float32 parameters,
+residual stream, LayerNorm, softmax and logits.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from imdm_jax.config import Config
-from imdm_jax.model import dropout
+from imdm_jax.model import compute_dtype, dropout, remat_blocks
 
 LN_EPS = 1e-5
 
@@ -29,36 +31,39 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((dim,)))
 
   def __call__(self, x: Float[Array, '... d']) -> Float[Array, '... d']:
+    x = x.astype(jnp.float32)  # the residual stream is float32 already; norms never run in bf16
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.weight[...] + self.bias[...]
 
 
-def _linear(rngs: nnx.Rngs, d_in: int, d_out: int, std: float = 0.02) -> nnx.Linear:
+def _linear(rngs: nnx.Rngs, d_in: int, d_out: int, dtype: jnp.dtype,
+            std: float = 0.02) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
-                    bias_init=nnx.initializers.zeros, rngs=rngs)
+                    bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
 
-  def __init__(self, d: int, n_heads: int, n_blocks: int, rngs: nnx.Rngs):
+  def __init__(self, d: int, n_heads: int, n_blocks: int, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.n_heads = n_heads
-    self.c_attn = _linear(rngs, d, 3 * d)
-    self.c_proj = _linear(rngs, d, d, std=0.02 / math.sqrt(2 * n_blocks))
+    self.c_attn = _linear(rngs, d, 3 * d, dtype)
+    self.c_proj = _linear(rngs, d, d, dtype, std=0.02 / math.sqrt(2 * n_blocks))
 
   def __call__(self, x: Float[Array, 'B L d']) -> Float[Array, 'B L d']:
     B, L, d = x.shape
     q, k, v = jnp.split(self.c_attn(x).reshape(B, L, 3, self.n_heads, d // self.n_heads), 3, 2)
     causal = jnp.tril(jnp.ones((L, L), jnp.bool_))
+    # bf16 inputs: jax computes the logits and softmax in float32 itself
     out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=causal)
     return self.c_proj(out.reshape(B, L, d))
 
 
 class MLP(nnx.Module):
 
-  def __init__(self, d: int, ratio: int, n_blocks: int, rngs: nnx.Rngs):
-    self.c_fc = _linear(rngs, d, ratio * d)
-    self.c_proj = _linear(rngs, ratio * d, d, std=0.02 / math.sqrt(2 * n_blocks))
+  def __init__(self, d: int, ratio: int, n_blocks: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.c_fc = _linear(rngs, d, ratio * d, dtype)
+    self.c_proj = _linear(rngs, ratio * d, d, dtype, std=0.02 / math.sqrt(2 * n_blocks))
 
   def __call__(self, x):
     return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
@@ -67,11 +72,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, d: int, n_heads: int, ratio: int, n_blocks: int, rate: float,
-               rngs: nnx.Rngs):
+               dtype: jnp.dtype, rngs: nnx.Rngs):
     self.rate = rate
     self.ln_1, self.ln_2 = LayerNorm(d), LayerNorm(d)
-    self.attn = Attention(d, n_heads, n_blocks, rngs)
-    self.mlp = MLP(d, ratio, n_blocks, rngs)
+    self.attn = Attention(d, n_heads, n_blocks, dtype, rngs)
+    self.mlp = MLP(d, ratio, n_blocks, dtype, rngs)
 
   def __call__(self, x, key: PRNGKeyArray | None):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
@@ -87,10 +92,11 @@ class GPT2(nnx.Module):
     del mask_id  # an autoregressive model has no mask token
     self.wte = nnx.Param(0.02 * jax.random.normal(rngs.params(), (m.vocab_size, m.hidden_size)))
     self.wpe = nnx.Param(0.01 * jax.random.normal(rngs.params(), (cfg.data.seq_len, m.hidden_size)))
-    self.h = nnx.List([Block(m.hidden_size, m.n_heads, m.mlp_ratio, m.n_blocks, m.dropout, rngs)
-                       for _ in range(m.n_blocks)])
+    self.h = nnx.List([Block(m.hidden_size, m.n_heads, m.mlp_ratio, m.n_blocks, m.dropout,
+                             compute_dtype(m), rngs) for _ in range(m.n_blocks)])
     self.ln_f = LayerNorm(m.hidden_size)
     self.rate = m.dropout
+    self.cfg = m
 
   def __call__(self, tokens: Int[Array, 'B L'], dropout_key: PRNGKeyArray | None = None
                ) -> Float[Array, 'B L V']:
@@ -98,9 +104,12 @@ class GPT2(nnx.Module):
     x = jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][None, :L]
     if dropout_key is not None:
       x = dropout(x, self.rate, jax.random.fold_in(dropout_key, len(self.h)))
+    call = remat_blocks(self.cfg)
     for i, block in enumerate(self.h):
-      x = block(x, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
-    return self.ln_f(x) @ self.wte[...].T
+      x = call(block, x, None if dropout_key is None else jax.random.fold_in(dropout_key, i))
+    dtype = compute_dtype(self.cfg)  # the tied output matmul: bf16 inputs, float32 logits
+    return jnp.matmul(self.ln_f(x).astype(dtype), self.wte[...].astype(dtype).T,
+                      preferred_element_type=jnp.float32)
 
 
 def token_nll(logits: Float[Array, 'B L V'], tokens: Int[Array, 'B L']) -> Float[Array, 'B L-1']:

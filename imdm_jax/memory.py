@@ -15,11 +15,11 @@ import math
 import jax
 from jax.sharding import AbstractMesh, Mesh
 
-from imdm_jax import train_state
+from imdm_jax import train_state, train_step
 from imdm_jax.config import Config
-from imdm_jax.errors import UserError
+from imdm_jax.model import compute_dtype
 
-FLOAT_BYTES = 4  # activations are float32 throughout (no mixed precision yet)
+F32 = 4  # bytes: parameters, the residual stream, norms, logits and loss are float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,8 @@ class MemoryEstimate:
   and RNG) are exact; `gradients` is the size of the sharded parameters; `gathered` is the largest
   parameter unsharded, a lower bound on what FSDP all-gathers at once (each weight is gathered
   whole before its matmul; XLA may gather several ahead); `activations` is the estimate of
-  `activation_bytes`."""
+  `activation_bytes` for one micro-batch. With `train.grad_accum` > 1 `gradients` counts two
+  copies: the running sum and the micro-batch's own."""
   params: int
   ema: int
   optimizer: int
@@ -37,6 +38,7 @@ class MemoryEstimate:
   activations: int
   n_params: int  # parameters of the model (unsharded count)
   local_batch: int  # rows per device
+  micro_batch: int  # rows per device in one micro-batch (local_batch / train.grad_accum)
   mesh: dict[str, int]
 
   @property
@@ -46,8 +48,11 @@ class MemoryEstimate:
 
   def summary(self) -> str:
     mesh = ' x '.join(f'{k}={v}' for k, v in self.mesh.items())
+    micro = ('' if self.micro_batch == self.local_batch else
+             f' in micro-batches of {self.micro_batch}')
     return (f'memory per device (mesh {mesh}, {self.n_params / 1e6:.1f}M parameters, '
-            f'{self.local_batch} rows): params {_human(self.params)} + EMA {_human(self.ema)} + '
+            f'{self.local_batch} rows{micro}): params {_human(self.params)} + '
+            f'EMA {_human(self.ema)} + '
             f'optimizer {_human(self.optimizer)} + gradients {_human(self.gradients)} + '
             f'FSDP gather {_human(self.gathered)} + activations ~{_human(self.activations)} '
             f'= ~{_human(self.total)}')
@@ -67,42 +72,57 @@ def sharded_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def activation_bytes(cfg: Config, local_batch: int) -> int:
-  """An estimate of the activations one device keeps for the backward pass (float32, no
-  rematerialisation), with b = local_batch, L, d, H heads, MLP ratio r, V:
+def activation_bytes(cfg: Config, micro_batch: int) -> int:
+  """An estimate of the activations one device keeps for the backward pass of one micro-batch,
+  with b = micro_batch rows, k = train.grad_accum, L, d, H heads, MLP ratio r, V, and c the bytes
+  of `model.dtype` (4, or 2 for bfloat16; model.py says which tensors stay float32):
 
-    per block  b L d (12 + 3 r)  the block input, both layer-norm outputs and their modulations,
-                                 q, k, v, the attention output and its projection, the residual,
-                                 the MLP input, pre-activation, GELU intermediate and output, and
-                                 the MLP projection
-             + b H L^2           attention probabilities (twice with the soft-cap: its tanh too)
-             + 2 b L d           the two dropout masks, when dropout > 0 (XLA keeps 32 bits each)
-    output     3 b L V + 2 b L d logits, their softmax and gradient; the final norm and modulation
-    IMDM       b L (D + 8 d)     eps and the noise MLP's hidden layer, before and after GELU
+    per block  4 b L d * 6       the float32 residual stream: the block input and the mid-block
+                                 residual, both layer-norm outputs and their modulations
+             + c b L d (6 + 3 r) q, k, v, the attention output and its projection, the MLP input,
+                                 pre-activation, GELU intermediate and output, and the MLP
+                                 projection
+             + c b L d * 2       with bf16: the two matmul inputs cast from the float32 stream
+             + c b H L^2         attention probabilities (twice with the soft-cap: its tanh too)
+             + 4 b L d * 2       the two dropout masks, when dropout > 0 (XLA keeps 32 bits each)
+    output     4 (3 b L V + 2 b L d)  float32 logits, their softmax and gradient; the final norm
+                                 and modulation
+    IMDM       4 k b L D + 8 c b L d  eps (drawn for all k micro-batches before the split) and
+                                      the noise MLP's hidden layer, before and after GELU
+
+  With `model.remat` the blocks keep only their inputs (4 b L d each) and the backward pass
+  recomputes one block at a time: n_blocks * 4 b L d + one block replace the blocks' sum.
 
   XLA may fuse some of these away and adds transient buffers of its own: on one CPU device, its
   temporary allocation for the whole step was 1.0-1.16 times (this estimate + the gradients) for
   the `micro`, `tiny` (also with soft-cap, without dropout, L = 256) and `tiny-imdm` presets
-  (tests/test_memory.py checks micro and tiny), and 1.5 times for GPT-2 (`tiny-ar`), whose
-  attention backward is autodiff's."""
+  (tests/test_memory.py checks micro and tiny, and tiny in 4 micro-batches), and 1.5 times for
+  GPT-2 (`tiny-ar`), whose attention backward is autodiff's. XLA:CPU computes bf16 in float32
+  and drops rematerialisation (it removes the optimisation barriers that keep the recomputation
+  from being merged with the forward pass), so the bf16 and remat terms are checked against the
+  residuals JAX saves for the backward pass (the closure of `jax.vjp`), not against XLA:CPU.
+  """
   m = cfg.model
-  b, L, d, r, H, V = local_batch, cfg.data.seq_len, m.hidden_size, m.mlp_ratio, m.n_heads, \
+  b, L, d, r, H, V = micro_batch, cfg.data.seq_len, m.hidden_size, m.mlp_ratio, m.n_heads, \
       m.vocab_size
-  block = b * L * d * (12 + 3 * r) + b * H * L * L * (2 if m.attn_softcap > 0 else 1)
+  c = compute_dtype(m).itemsize
+  block = F32 * b * L * d * 6 + c * b * L * d * (6 + 3 * r) + \
+      c * b * H * L * L * (2 if m.attn_softcap > 0 else 1)
+  if c != F32:
+    block += c * b * L * d * 2
   if m.dropout > 0:
-    block += 2 * b * L * d
-  floats = m.n_blocks * block + 3 * b * L * V + 2 * b * L * d
+    block += F32 * b * L * d * 2
+  blocks = m.n_blocks * F32 * b * L * d + block if m.remat else m.n_blocks * block
+  total = blocks + F32 * (3 * b * L * V + 2 * b * L * d)
   if m.noise_dim:
-    floats += b * L * (m.noise_dim + 8 * d)
-  return floats * FLOAT_BYTES
+    total += F32 * cfg.train.grad_accum * b * L * m.noise_dim + c * 8 * b * L * d
+  return total
 
 
 def estimate(cfg: Config, mesh: Mesh | AbstractMesh) -> MemoryEstimate:
   """The memory of training `cfg` on `mesh` (a real mesh or an `AbstractMesh` of any size)."""
   n_devices = math.prod(mesh.shape.values())
-  if cfg.train.batch_size % n_devices:
-    raise UserError(f'train.batch_size={cfg.train.batch_size} is not divisible by the '
-                    f'{n_devices} devices')
+  micro_batch = train_step.rows_per_device(cfg, n_devices)
   local_batch = cfg.train.batch_size // n_devices
   # The mask id only names a row of the embedding: any id gives the same shapes.
   state = train_state.abstract_state(cfg, cfg.model.vocab_size - 1, mesh)
@@ -112,7 +132,8 @@ def estimate(cfg: Config, mesh: Mesh | AbstractMesh) -> MemoryEstimate:
     gathered = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
   return MemoryEstimate(
       params=params, ema=sharded_bytes(state.ema),
-      optimizer=sharded_bytes((state.opt_state, state.step, state.rng)), gradients=params,
-      gathered=gathered, activations=activation_bytes(cfg, local_batch),
+      optimizer=sharded_bytes((state.opt_state, state.step, state.rng)),
+      gradients=params * (2 if cfg.train.grad_accum > 1 else 1), gathered=gathered,
+      activations=activation_bytes(cfg, micro_batch),
       n_params=train_state.param_count(state.params), local_batch=local_batch,
-      mesh=dict(mesh.shape))
+      micro_batch=micro_batch, mesh=dict(mesh.shape))

@@ -9,6 +9,13 @@ exactly MDLM. One class serves all three.
 
 Randomness is explicit: dropout takes a key at call time, so the module can be `nnx.merge`d
 inside a plain `jax.jit` + `jax.grad` (see stack_notes.md).
+
+Mixed precision (`model.dtype='bfloat16'`): parameters stay float32 and every Linear casts its
+input and kernel to bfloat16, so matmuls and their outputs (q, k, v, the MLP) are bf16. As under
+the reference's torch autocast, the residual stream (embeddings plus block outputs) stays float32
+by type promotion, LayerNorm and the attention softmax compute in float32, and the output layer
+accumulates and returns float32 logits; the loss is float32. `model.remat` recomputes each
+block's activations in the backward pass instead of keeping them.
 """
 
 from __future__ import annotations
@@ -27,13 +34,20 @@ ROPE_BASE = 10_000.0
 FREQ_DIM = 256  # sinusoidal features of sigma
 
 
-def _torch_linear(rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool = True,
-                  zero: bool = False) -> nnx.Linear:
-  """nn.Linear with PyTorch's default init (uniform, bound 1/sqrt(fan_in)), or all zeros."""
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+  """The dtype matmuls run in; parameters are float32 whatever it is (master weights)."""
+  return jnp.dtype(cfg.dtype)
+
+
+def _torch_linear(rngs: nnx.Rngs, d_in: int, d_out: int, dtype: jnp.dtype, bias: bool = True,
+                  zero: bool = False, out_dtype: jnp.dtype | None = None) -> nnx.Linear:
+  """nn.Linear with PyTorch's default init (uniform, bound 1/sqrt(fan_in)), or all zeros,
+  computing in `dtype` (float32 parameters cast at use) and returning `out_dtype` if given."""
   bound = 1.0 / math.sqrt(d_in)
   uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
   init = nnx.initializers.zeros if zero else uniform
-  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, bias_init=init, rngs=rngs)
+  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, bias_init=init, dtype=dtype,
+                    preferred_element_type=out_dtype, rngs=rngs)
 
 
 class LayerNorm(nnx.Module):
@@ -90,25 +104,32 @@ def attention(q: Float[Array, 'B L H Dh'], k: Float[Array, 'B L H Dh'],
   return jnp.swapaxes(_attention(q, k, v, softcap), 1, 2)
 
 
-def _attention_fwd(q, k, v, softcap):  # [B, H, L, Dh] each
-  logits = jnp.einsum('bhld,bhmd->bhlm', q, k) / math.sqrt(q.shape[-1])
+def _attention_fwd(q, k, v, softcap):  # [B, H, L, Dh] each, float32 or bfloat16
+  # logits, soft-cap and softmax in float32 whatever the inputs; the saved probabilities (and
+  # tanh) are kept in the input dtype: they are the largest residuals, [B, H, L, L]
+  logits = jnp.einsum('bhld,bhmd->bhlm', q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   capped = jnp.tanh(logits / softcap) if softcap > 0 else None
   if capped is not None:
     logits = softcap * capped
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    capped = capped.astype(v.dtype)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhlm,bhmd->bhld', probs, v), (q, k, v, probs, capped)
 
 
 def _attention_bwd(softcap, residuals, d_out):
   """The textbook softmax-attention gradient. Written out because XLA:CPU runs the autodiff
-  version of the same math 2x slower (it re-lays out the softmax backward); see bench/."""
+  version of the same math 2x slower (it re-lays out the softmax backward); see bench/. The
+  softmax backward runs in float32; the matmuls in the input dtype, which the gradients keep."""
   q, k, v, probs, capped = residuals
+  f32 = jnp.float32
   d_v = jnp.einsum('bhlm,bhld->bhmd', probs, d_out)
-  d_probs = jnp.einsum('bhld,bhmd->bhlm', d_out, v)
-  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  d_probs = jnp.einsum('bhld,bhmd->bhlm', d_out, v, preferred_element_type=f32)
+  p = probs.astype(f32)
+  d_logits = p * (d_probs - jnp.sum(d_probs * p, axis=-1, keepdims=True))
   if capped is not None:
-    d_logits = d_logits * (1.0 - jnp.square(capped))
-  d_logits = d_logits / math.sqrt(q.shape[-1])
+    d_logits = d_logits * (1.0 - jnp.square(capped.astype(f32)))
+  d_logits = (d_logits / math.sqrt(q.shape[-1])).astype(q.dtype)
   d_q = jnp.einsum('bhlm,bhmd->bhld', d_logits, k)
   d_k = jnp.einsum('bhlm,bhld->bhmd', d_logits, q)
   return d_q, d_k, d_v
@@ -122,9 +143,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 class SigmaMap(nnx.Module):
   """`c = SiLU(MLP(freq(sigma)))` with `MLP = Linear(256 -> C) -> SiLU -> Linear(C -> C)`."""
 
-  def __init__(self, cond_dim: int, rngs: nnx.Rngs):
-    self.mlp_in = _torch_linear(rngs, FREQ_DIM, cond_dim)
-    self.mlp_out = _torch_linear(rngs, cond_dim, cond_dim)
+  def __init__(self, cond_dim: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.mlp_in = _torch_linear(rngs, FREQ_DIM, cond_dim, dtype)
+    self.mlp_out = _torch_linear(rngs, cond_dim, cond_dim, dtype)
 
   def __call__(self, sigma: Float[Array, 'B']) -> Float[Array, 'B C']:
     return jax.nn.silu(self.mlp_out(jax.nn.silu(self.mlp_in(timestep_features(sigma)))))
@@ -138,12 +159,13 @@ class MaskNoiseEmbedding(nnx.Module):
   sigma = 1 at init), so the noise distribution itself is trained.
   """
 
-  def __init__(self, noise_dim: int, hidden_size: int, learnable: bool, rngs: nnx.Rngs):
+  def __init__(self, noise_dim: int, hidden_size: int, learnable: bool, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     init = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0, upper=2.0)
     self.mlp_in = nnx.Linear(noise_dim, 4 * hidden_size, kernel_init=init,
-                             bias_init=nnx.initializers.zeros, rngs=rngs)
+                             bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(4 * hidden_size, hidden_size, use_bias=False,
-                              kernel_init=nnx.initializers.zeros, rngs=rngs)
+                              kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
     self.noise_mu = nnx.Param(jnp.zeros((noise_dim,))) if learnable else None
     self.noise_sigma = nnx.Param(jnp.ones((noise_dim,))) if learnable else None
 
@@ -180,7 +202,8 @@ class VocabEmbedding(nnx.Module):
         rngs.params(), (m.vocab_size, m.hidden_size), jnp.float32, -bound, bound))
     k = cfg.diffusion.num_mask_states
     self.imdm_mlp = (MaskNoiseEmbedding(m.noise_dim, m.hidden_size,
-                                        cfg.diffusion.noise_type == 'learnable', rngs)
+                                        cfg.diffusion.noise_type == 'learnable',
+                                        compute_dtype(m), rngs)
                      if m.noise_dim and not k else None)
     self.imdm_states = MaskStateEmbedding(k, m.hidden_size) if k else None
 
@@ -198,18 +221,19 @@ class VocabEmbedding(nnx.Module):
 class DDiTBlock(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d = cfg.hidden_size
+    d, dtype = cfg.hidden_size, compute_dtype(cfg)
     self.n_heads, self.dropout, self.softcap = cfg.n_heads, cfg.dropout, cfg.attn_softcap
     self.norm1 = LayerNorm(d)
-    self.attn_qkv = _torch_linear(rngs, d, 3 * d, bias=False)
-    self.attn_out = _torch_linear(rngs, d, d, bias=False)
+    self.attn_qkv = _torch_linear(rngs, d, 3 * d, dtype, bias=False)
+    self.attn_out = _torch_linear(rngs, d, d, dtype, bias=False)
     self.norm2 = LayerNorm(d)
-    self.mlp_in = _torch_linear(rngs, d, cfg.mlp_ratio * d)
-    self.mlp_out = _torch_linear(rngs, cfg.mlp_ratio * d, d)
-    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 6 * d, zero=True)
+    self.mlp_in = _torch_linear(rngs, d, cfg.mlp_ratio * d, dtype)
+    self.mlp_out = _torch_linear(rngs, cfg.mlp_ratio * d, d, dtype)
+    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 6 * d, dtype, zero=True)
 
   def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, 'B C'],
                dropout_key: PRNGKeyArray | None) -> Float[Array, 'B L d']:
+    """`x` is the float32 residual stream; the branches it adds are in the compute dtype."""
     B, L, d = x.shape
     k_attn, k_mlp = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
@@ -230,9 +254,13 @@ class DDiTBlock(nnx.Module):
 class FinalLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dtype = compute_dtype(cfg)
     self.norm_final = LayerNorm(cfg.hidden_size)
-    self.linear = _torch_linear(rngs, cfg.hidden_size, cfg.vocab_size, zero=True)
-    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 2 * cfg.hidden_size, zero=True)
+    # float32 logits from a bf16 matmul: accumulated and returned in float32
+    self.linear = _torch_linear(rngs, cfg.hidden_size, cfg.vocab_size, dtype, zero=True,
+                                out_dtype=jnp.float32)
+    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 2 * cfg.hidden_size, dtype,
+                                          zero=True)
 
   def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, 'B C']) -> Float[Array, 'B L V']:
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
@@ -245,7 +273,7 @@ class DiT(nnx.Module):
   def __init__(self, cfg: Config, mask_id: int, rngs: nnx.Rngs):
     self.cfg, self.mask_id = cfg.model, mask_id
     self.vocab_embed = VocabEmbedding(cfg, rngs)
-    self.sigma_map = SigmaMap(cfg.model.cond_dim, rngs)
+    self.sigma_map = SigmaMap(cfg.model.cond_dim, compute_dtype(cfg.model), rngs)
     self.blocks = nnx.List([DDiTBlock(cfg.model, rngs) for _ in range(cfg.model.n_blocks)])
     self.output_layer = FinalLayer(cfg.model, rngs)
 
@@ -261,7 +289,15 @@ class DiT(nnx.Module):
       c = self.sigma_map(sigma)
     else:
       c = self.sigma_map(jnp.zeros((1,), jnp.float32))  # [1, C], broadcast over the batch
+    call = remat_blocks(self.cfg)
     for i, block in enumerate(self.blocks):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x = block(x, c, key)
+      x = call(block, x, c, key)
     return self.output_layer(x, c)
+
+
+def remat_blocks(cfg: ModelConfig):
+  """`call(block, *args)`: the block's forward, rematerialised when `cfg.remat`. The backward
+  pass then keeps only each block's input and recomputes the rest, one block at a time."""
+  call = lambda block, *args: block(*args)
+  return nnx.remat(call) if cfg.remat else call

@@ -72,6 +72,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(cfg.mesh)
   pipeline.local_batch_size(cfg.train.batch_size)  # fail fast on an indivisible batch
+  train_step.rows_per_device(cfg, jax.device_count())  # ... or micro-batch
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints)
   latest = ckpt.latest_step()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from imdm_jax import config as config_lib
 from imdm_jax import model as model_lib
-from imdm_jax import port, train_state
+from imdm_jax import port, train_state, train_step
 from imdm_jax.config import Config, DiffusionConfig, ModelConfig
 
 MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
@@ -151,3 +152,30 @@ def test_attention_custom_gradient_matches_autodiff(softcap):
     np.testing.assert_allclose(model_lib.attention(q, k, v, softcap), naive(q, k, v), atol=1e-6)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('arch', ['dit', 'gpt2'])
+def test_remat_gives_the_same_loss_and_gradients(arch):
+  """`model.remat` recomputes each block in the backward pass: same numbers (dropout included:
+  the recomputation reuses its keys), fewer saved residuals (tests/test_memory.py counts them)."""
+  cfg = config_lib.resolve('micro', [f'model.arch={arch}', 'model.attn_softcap=5.0'])
+  mask_id = cfg.model.vocab_size - 1
+  params = train_state.init_params(cfg, mask_id, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
+                        params)
+  B, L = 4, cfg.data.seq_len
+  batch = {'tokens': jax.random.randint(jax.random.PRNGKey(2), (B, L), 0, mask_id),
+           'attention_mask': jnp.ones((B, L), jnp.int32)}
+  out = []
+  for remat in ('false', 'true'):
+    c = config_lib.apply_overrides(cfg, [f'model.remat={remat}'])
+    graphdef = train_state.model_graphdef(c, mask_id)
+
+    def mean_loss(p, c=c, graphdef=graphdef):
+      total, count = train_step.loss_sums(p, graphdef, c, batch, jax.random.PRNGKey(3), True)
+      return total / count
+
+    out.append(jax.jit(jax.value_and_grad(mean_loss))(params))
+  (loss, grads), (loss_remat, grads_remat) = out
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)

@@ -7,16 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from imdm_jax import sharding, train_state, train_step
+from imdm_jax import config as config_lib, sharding, train_state, train_step
 from imdm_jax.config import MeshConfig, OptimConfig
+from imdm_jax.errors import UserError
 
 
 def _batch(cfg, seed=0):
   rng = np.random.default_rng(seed)
   B, L, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
-  mask = np.ones((B, L), np.int32)
-  mask[:, L - 5:] = 0  # some padding, excluded from the loss
+  mask = (np.arange(L)[None] < L - 1 - np.arange(B)[:, None] % 7).astype(np.int32)  # [B, L]
+  # some padding, excluded from the loss; rows differ, so micro-batches hold unequal counts
   return {'tokens': rng.integers(0, V - 1, (B, L), dtype=np.int32), 'attention_mask': mask}
 
 
@@ -90,8 +92,10 @@ def test_optimizer_warmup_and_clipping():
   np.testing.assert_allclose(sizes, np.array([0, .25, .5, .75, 1, 1]) * np.sqrt(2), rtol=1e-5)
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(micro_cfg):
-  cfg = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model, dropout=0.0))
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_training_lowers_the_loss_on_a_fixed_batch(micro_cfg, dtype):
+  cfg = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model, dropout=0.0,
+                                                                 dtype=dtype))
   mesh = sharding.make_mesh(MeshConfig())
   mask_id = cfg.model.vocab_size - 1
   state = train_state.init_state(cfg, mask_id, mesh)
@@ -109,3 +113,39 @@ def test_training_lowers_the_loss_on_a_fixed_batch(micro_cfg):
   for _ in range(30):
     state, _ = step(state, batch)
   assert float(nelbo(state.params)) < 0.7 * before
+
+
+@pytest.mark.parametrize('arch,mesh_shape', [('dit', (2, 4)), ('gpt2', (1, 1))])
+def test_grad_accumulation_equals_one_step_on_the_whole_batch(micro_cfg, arch, mesh_shape):
+  """k = 4 micro-batches (unequal token counts) give the k = 1 step's loss and update: t, masks
+  and eps are drawn for the whole batch first (antithetic t spans it), and the summed gradient
+  is divided by the whole batch's token count. Without dropout, whose masks differ per k."""
+  cfg = config_lib.apply_overrides(micro_cfg, [
+      'model.dropout=0.0', 'train.batch_size=32', f'model.arch={arch}'] +
+      (['model.noise_dim=8'] if arch == 'dit' else []))
+  devices = jax.devices()[:mesh_shape[0] * mesh_shape[1]]
+  mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices=devices)
+  state_1, losses_1 = _run(cfg, mesh, 2)
+  state_4, losses_4 = _run(config_lib.apply_overrides(cfg, ['train.grad_accum=4']), mesh, 2)
+  np.testing.assert_allclose(losses_4, losses_1, rtol=1e-5)
+  chex.assert_trees_all_close(state_4.params, state_1.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state_4.opt_state, state_1.opt_state, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_are_strided_rows():
+  rows = {'x': jnp.arange(8 * 3).reshape(8, 3), 'none': None}
+  micro = train_step.micro_batches(rows, 4)
+  assert micro['x'].shape == (4, 2, 3) and micro['none'] is None
+  np.testing.assert_array_equal(micro['x'][1], rows['x'][jnp.array([1, 5])])
+
+
+def test_indivisible_micro_batches_are_user_errors(micro_cfg):
+  with pytest.raises(UserError, match=r'^train.batch_size=16 is not divisible by '
+                                      r'train.grad_accum=3$'):
+    config_lib.validate(config_lib.apply_overrides(micro_cfg, ['train.grad_accum=3']))
+  cfg = config_lib.apply_overrides(micro_cfg, ['train.grad_accum=4'])  # 4 rows for 8 devices
+  mesh = sharding.make_mesh(MeshConfig(data=8, fsdp=1))
+  state = train_state.abstract_state(cfg, cfg.model.vocab_size - 1, mesh)
+  with pytest.raises(UserError, match=r'^train.batch_size=16 is not divisible by the 8 devices '
+                                      r'x train.grad_accum=4$'):
+    train_step.compile_train_step(cfg, train_state.model_graphdef(cfg, 512), mesh, state)
