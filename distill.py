@@ -5,12 +5,15 @@
   python distill.py redi-generate --teacher runs/sdtt --out runs/pairs --set distill.num_pairs=4096
   python distill.py redi-train --couplings runs/pairs --init runs/sdtt --workdir runs/redi
   python distill.py redi --teacher runs/sdtt --workdir runs/reflow --set distill.reflow_rounds=3
+  python distill.py redi-generate --multihost ...  # every host of a TPU pod slice / GPU cluster
 
 `sdtt` lasts num_rounds x round_steps steps. `redi` runs distill.reflow_rounds rounds of
 generate + train (round k + 1 couples from the round-k student, with fresh seeds) in
 WORKDIR/round{k}. `--preset` sets the student's architecture, data and optimizer (the papers'
 hyperparameters: `--set optim.lr=6e-5` for SDTT, `3e-4` for ReDi). Runs resume from their
-directories like train.py. Bad input: one line on stderr, exit status 2.
+directories like train.py, join multi-process jobs like train.py (every process runs the same
+command; `redi-generate` splits each chunk over all devices and process 0 writes) and end with a
+`done: ...` line. Bad input: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--preset', default='tiny', help='the student (default tiny)')
   p.add_argument('--set', dest='overrides', action='append', default=[],
                  metavar='SECTION.KEY=VALUE')
+  # as train.py's (README, Scaling out)
+  cluster = p.add_argument_group('multi-process', 'one process per host, the same command on each')
+  cluster.add_argument('--multihost', action='store_true',
+                       help='join a job found by jax.distributed.initialize (automatic under '
+                            'srun/mpirun with several tasks or with JAX_COORDINATOR_ADDRESS)')
+  cluster.add_argument('--coordinator', metavar='HOST:PORT', help='address of process 0')
+  cluster.add_argument('--num_processes', type=int, metavar='N', help='processes in the job')
+  cluster.add_argument('--process_id', type=int, metavar='I', help='this process, 0 .. N-1')
   return p.parse_args(argv)
 
 
@@ -49,9 +60,11 @@ def _need(args, *names):
 @exits_cleanly
 def main(argv=None) -> None:
   args = parse_args(argv)
-  runtime.setup()
+  cfg = config_lib.resolve(args.preset, args.overrides)  # bad flags fail before joining a job
+  runtime.setup(args.multihost or runtime.launched_as_multiprocess(os.environ),
+                args.coordinator, args.num_processes, args.process_id)
+  import jax  # pylint: disable=g-import-not-at-top  (after runtime.setup)
   from imdm_jax import distillation, redi, trainer  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.resolve(args.preset, args.overrides)
   if args.method == 'sdtt':
     _need(args, 'teacher', 'workdir')
     d = cfg.distill
@@ -60,7 +73,7 @@ def main(argv=None) -> None:
     trainer.train(cfg, args.workdir, init_from=args.teacher, program=distillation.sdtt_program(cfg))
   elif args.method == 'redi-generate':
     _need(args, 'teacher', 'out')
-    print(f'couplings: {redi.generate(cfg, args.teacher, args.out)}')
+    redi.generate(cfg, args.teacher, args.out)  # prints its own `done:` line
   elif args.method == 'redi-train':
     _need(args, 'couplings', 'init', 'workdir')
     trainer.train(cfg, args.workdir, init_from=args.init,
@@ -74,6 +87,9 @@ def main(argv=None) -> None:
                             seed_offset=k * cfg.distill.num_pairs)
       trainer.train(cfg, root, init_from=teacher, program=distillation.redi_program(pairs))
       teacher = root
+    if jax.process_index() == 0:
+      print(f'done: {cfg.distill.reflow_rounds} ReDi round(s) of {cfg.distill.num_pairs:,} pairs '
+            f'| final student {os.path.abspath(teacher)}')
 
 
 if __name__ == '__main__':

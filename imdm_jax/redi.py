@@ -4,7 +4,9 @@ Coupling generation: for N training rows x, draw t (U(0, 1), or 1 for a `full_ma
 the pairs), mask each token w.p. t, derive eps from an integer seed per pair (`noise.seeded_eps`),
 and run the current model's sampler from t to 0 (`distill.teacher_steps`, the grid scaled by t).
 Pairs `(z_T, x_hat, t, seed)` are written chunk by chunk (a run killed half-way resumes at the
-next missing chunk), then gathered into a tfds ArrayRecord dataset next to them.
+next missing chunk), then gathered into a tfds ArrayRecord dataset next to them. Under several
+processes each chunk is one global batch over all their devices, and process 0 writes: the pairs
+are those of a one-process run with the same seeds.
 
 Rectification: the NELBO term at the stored t, input z_T with eps regenerated from the seed (or
 fresh, with `ignore_seed`), target x_hat at the positions masked in z_T.
@@ -16,18 +18,20 @@ import dataclasses
 import glob
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
+from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
 from imdm_jax import init_from, loss, noise, sampler, schedule, sharding, train_state
 from imdm_jax.config import Config, MeshConfig
-from imdm_jax.data import store
+from imdm_jax.data import pipeline, store
 from imdm_jax.errors import UserError
 from imdm_jax.train_step import Batch, apply_gradients
 
@@ -45,13 +49,14 @@ def coupling_inputs(key: PRNGKeyArray, x: Int[Array, 'B L'], mask_id: int,
 
 
 def compile_coupler(cfg: Config, graphdef, mesh, mask_id: int):
-  """`run(params, key, x, seeds) -> (z_T, x_hat, t)`, the teacher run compiled over the mesh."""
+  """`run(params, key, x, seeds) -> (z_T, x_hat, t)`, numpy: the teacher run compiled over the
+  mesh. Under several processes every process calls it with the same global `x` [B, L] and
+  `seeds` [B]; each feeds its own devices' rows, and each gets all the outputs back."""
   d = cfg.distill
   scfg = sampler.SamplerConfig(steps=d.teacher_steps, temperature=d.teacher_temperature,
                                final=d.teacher_final, fix_eps=d.teacher_fix_eps)
   sampler.validate(scfg, cfg)
 
-  @jax.jit
   def program(params, key, x, seeds):
     k_in, k_run = jax.random.split(key)
     z, t = coupling_inputs(k_in, x, mask_id, d.full_mask_fraction)
@@ -60,16 +65,36 @@ def compile_coupler(cfg: Config, graphdef, mesh, mask_id: int):
                               mask_id=mask_id, cfg=cfg, scfg=scfg, t0=t)
     return z, x_hat, t
 
+  # the outputs are gathered onto every device, so each process can read them locally
+  jitted = jax.jit(program, out_shardings=sharding.replicated(mesh))
+
+  def put(a, where):  # a global array from the same host value in every process
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, where, lambda index: a[index])
+
   def run(params, key, x, seeds):
     with jax.enable_x64(scfg.float64):
-      put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
-      return jax.device_get(program(params, key, put(x), put(seeds)))
+      rows = sharding.batch_sharding(mesh)
+      out = jitted(params, put(key, sharding.replicated(mesh)), put(x, rows), put(seeds, rows))
+      return jax.device_get(out)
 
   return run
 
 
+def _chunk_path(chunks: str, c: int) -> str:
+  return os.path.join(chunks, f'chunk_{c:06d}.npz')
+
+
 def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
-  """Writes `cfg.distill.num_pairs` couplings of `teacher` into `out`; returns the dataset dir."""
+  """Writes `cfg.distill.num_pairs` couplings of `teacher` into `out`; returns the dataset dir.
+
+  Chunk c holds pairs [cB, (c + 1)B) (B = train.batch_size), generated as one global batch over
+  all devices of all processes, so the pairs do not depend on the number of processes. Only
+  process 0 writes (chunks, dataset, couplings.json); the others return once it has."""
+  start = time.perf_counter()
+  is_main = jax.process_index() == 0
+  n, batch = cfg.distill.num_pairs, cfg.train.batch_size
+  pipeline.local_batch_size(batch)  # refuses a batch the devices cannot split, before any work
   mesh = sharding.make_mesh(MeshConfig())
   data = store.prepare(cfg)
   mask_id = data.tokenizer.mask_id
@@ -82,30 +107,47 @@ def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
   # stored either way, and the student derives its own eps from them.
   tcfg = dataclasses.replace(teacher_cfg, distill=cfg.distill)
   run = compile_coupler(tcfg, train_state.model_graphdef(tcfg, mask_id), mesh, mask_id)
-  n, batch = cfg.distill.num_pairs, cfg.train.batch_size
   chunks = os.path.join(out, 'chunks')
-  os.makedirs(chunks, exist_ok=True)
+  if is_main:
+    os.makedirs(chunks, exist_ok=True)
+  # Chunks written by an interrupted earlier run are skipped; process 0's view decides, since
+  # every chunk is one program all processes run together.
+  missing = np.array([not os.path.exists(_chunk_path(chunks, c)) for c in range(-(-n // batch))])
+  if jax.process_count() > 1:
+    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
   order = np.random.default_rng(cfg.train.seed + seed_offset).permutation(len(data.train))
-  for c in tqdm(range(-(-n // batch)), desc='couplings'):
-    path = os.path.join(chunks, f'chunk_{c:06d}.npz')
-    if os.path.exists(path):
-      continue  # written by an interrupted earlier run
+  new = 0  # pairs generated by this call
+  for c in tqdm(np.flatnonzero(missing).tolist(), desc='couplings', disable=not is_main):
     index = np.arange(c * batch, (c + 1) * batch)
     rows = [data.train[int(order[i % len(order)])] for i in index]
     x = np.stack([r['tokens'] for r in rows])
     seeds = (seed_offset + index).astype(np.int32)
     z, x_hat, t = run(params, jax.random.PRNGKey(seed_offset * 1_000_003 + c), x, seeds)
     keep = index < n
-    tmp = path + f'.tmp{os.getpid()}.npz'
-    np.savez(tmp, z_T=z[keep], x_hat=x_hat[keep], t=t[keep].astype(np.float32), seed=seeds[keep],
-             attention_mask=np.stack([r['attention_mask'] for r in rows])[keep])
-    os.replace(tmp, path)
-  meta = {'seq_len': cfg.data.seq_len, 'vocab_size': cfg.model.vocab_size,
-          'tokenizer': data.tokenizer.name, 'num_pairs': n, 'teacher': os.path.abspath(teacher)}
-  Couplings(chunks=chunks, seq_len=cfg.data.seq_len, data_dir=out).download_and_prepare()
-  with open(os.path.join(out, META), 'w') as f:
-    json.dump(meta, f, indent=2)
+    new += int(keep.sum())
+    if is_main:
+      path = _chunk_path(chunks, c)
+      tmp = path + f'.tmp{os.getpid()}.npz'
+      np.savez(tmp, z_T=z[keep], x_hat=x_hat[keep], t=t[keep].astype(np.float32),
+               seed=seeds[keep], attention_mask=np.stack([r['attention_mask'] for r in rows])[keep])
+      os.replace(tmp, path)
+  _barrier('redi: chunks written')
+  if is_main:
+    meta = {'seq_len': cfg.data.seq_len, 'vocab_size': cfg.model.vocab_size,
+            'tokenizer': data.tokenizer.name, 'num_pairs': n, 'teacher': os.path.abspath(teacher)}
+    Couplings(chunks=chunks, seq_len=cfg.data.seq_len, data_dir=out).download_and_prepare()
+    with open(os.path.join(out, META), 'w') as f:
+      json.dump(meta, f, indent=2)
+    t = np.concatenate([np.load(p)['t'] for p in sorted(glob.glob(os.path.join(chunks, '*.npz')))])
+    print(f'done: {len(t):,} pairs ({new:,} generated now, {np.mean(t == 1.0):.1%} with t = 1) in '
+          f'{time.perf_counter() - start:.1f} s | couplings {os.path.abspath(out)}')
+  _barrier('redi: dataset written')
   return out
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class Couplings(tfds.core.GeneratorBasedBuilder):

@@ -1,10 +1,12 @@
 """One process of a multi-process run, started N times (or once) by tests/test_multihost.py.
 
   python tests/multihost_worker.py DUMP.npz TRAIN_PY_ARGUMENTS...
+  python tests/multihost_worker.py DUMP.npz distill DISTILL_PY_ARGUMENTS...
 
 Runs `train.py`'s `main` with the given arguments — the real path: cluster flags,
 `runtime.setup`, `trainer.train` — then writes what this process saw to DUMP.npz, for the parent
-to compare across processes (N processes, K devices each, global batch B, S = train.num_steps):
+to compare across processes (N processes, K devices each, global batch B, S = train.num_steps).
+With `distill`, runs `distill.py`'s `main` instead and dumps `topology` only:
   topology  int32 [3]          process count, global device count, local device count
   tokens    int32 [S, B/N, L]  the local batches of the run's S steps
   position  str                the data iterator's state after those S batches (JSON)
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=wrong-import-position
 
+import distill  # pylint: disable=wrong-import-position
 import train  # pylint: disable=wrong-import-position
 from imdm_jax import config as config_lib  # pylint: disable=wrong-import-position
 
@@ -50,6 +53,12 @@ def what_this_process_saw(argv: list[str]) -> dict[str, np.ndarray]:
 
 def main() -> None:
   dump, argv = sys.argv[1], sys.argv[2:]
+  if argv[0] == 'distill':
+    distill.main(argv[1:])
+    import jax  # pylint: disable=g-import-not-at-top  (after distill.main's runtime.setup)
+    np.savez(dump, topology=np.array([jax.process_count(), jax.device_count(),
+                                      jax.local_device_count()]))
+    return
   train.main(argv)
   np.savez(dump, **what_this_process_saw(argv))
 

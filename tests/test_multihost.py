@@ -11,10 +11,12 @@ Each must match `one8`: the same losses and final state (to float tolerance: the
 in another order) and the same next batch. The default jobs take about 40 s on 2 idle cores, most
 of it process 1 compiling (JAX's persistent cache serves process 0 only). Jobs run one at a
 time: XLA's CPU collectives (gloo) fail if processes reach their first collective more than 30 s
-apart, which a loaded machine can cause.
+apart, which a loaded machine can cause. ReDi coupling generation (`distill.py redi-generate`) is
+checked the same way: 2 x 4 processes against 1 x 8 here (slow).
 """
 
 import dataclasses
+import glob
 import json
 import os
 import pathlib
@@ -31,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from imdm_jax import checkpoint, config as config_lib, runtime, sharding, train_state, trainer
+from imdm_jax import checkpoint, config as config_lib, redi, runtime, sharding, train_state, trainer
 from imdm_jax.data import pipeline, store
 from imdm_jax.errors import UserError
 
@@ -79,10 +81,12 @@ class Job:
     return [dict(np.load(d)) for d in self.dumps]
 
 
-def _start(name: str, tmp: pathlib.Path, workdir: str, processes: int, devices: int, data_dir: str,
-           *overrides: str) -> Job:
+def _start(name: str, tmp: pathlib.Path, workdir: str | None, processes: int, devices: int,
+           data_dir: str, *overrides: str, command: tuple[str, ...] = ()) -> Job:
+  """`command`: the worker's (e.g. `distill redi-generate ...`; train.py's by default)."""
   sets = [f'data.data_dir={data_dir}', *OVERRIDES, *overrides]
-  args = ['--preset', 'micro', '--workdir', workdir, *[a for s in sets for a in ('--set', s)]]
+  where = ['--workdir', workdir] if workdir else []
+  args = [*command, '--preset', 'micro', *where, *[a for s in sets for a in ('--set', s)]]
   port = _free_port()
   job = Job([], [], [])
   for i in range(processes):
@@ -218,6 +222,46 @@ def test_fsdp_splits_every_matrix_across_both_processes(runs):
     np.testing.assert_array_equal(d['fsdp'][:, 1], 1 / 8)  # ...each an eighth of the matrix
   with open(runs.tmp / 'two.0.log') as f:
     assert "mesh {'data': 1, 'fsdp': 8}" in f.read()
+
+
+COUPLINGS = ('model.noise_dim=8', 'distill.num_pairs=40', 'distill.teacher_steps=4',
+             'distill.full_mask_fraction=0.25')
+
+
+def _pairs(out: str) -> dict[str, np.ndarray]:
+  chunks = sorted(glob.glob(os.path.join(out, 'chunks', '*')))
+  assert [os.path.basename(c) for c in chunks] == [f'chunk_{c:06d}.npz' for c in range(3)]
+  return {k: np.concatenate([np.load(c)[k] for c in chunks]) for k in np.load(chunks[0]).files}
+
+
+@pytest.mark.slow  # ~60 s: a teacher, a 2-process job and the same generation here
+def test_two_processes_generate_the_couplings_of_one(tmp_path, data_dir):
+  """`distill.py redi-generate` on 2 processes x 4 devices (an IMDM teacher: seeded eps, resets)
+  writes the pairs `redi.generate` writes here on 1 x 8, bit for bit: 3 chunks of 16 (the last
+  one partial), the dataset and couplings.json, all by process 0."""
+  cfg = config_lib.resolve('micro', [f'data.data_dir={data_dir}', *OVERRIDES, *COUPLINGS])
+  teacher = str(tmp_path / 'teacher')
+  trainer.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=2)),
+                teacher)
+  two = str(tmp_path / 'two')
+  job = _start('couple', tmp_path, None, 2, 4, data_dir, *COUPLINGS,
+               command=('distill', 'redi-generate', '--teacher', teacher, '--out', two))
+  assert [d['topology'].tolist() for d in job.wait()] == [[2, 8, 4]] * 2
+  one = redi.generate(cfg, teacher, str(tmp_path / 'one'))
+  expected, got = _pairs(one), _pairs(two)
+  assert len(got['seed']) == 40 and (got['t'] == 1.0).any() and (got['t'] < 1.0).any()
+  for k in expected:
+    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+  tokenizer = store.prepare(cfg).tokenizer.name
+  rows = [redi.load(path, cfg, tokenizer) for path in (one, two)]
+  assert len(rows[0]) == len(rows[1]) == 40
+  by_seed = lambda source: sorted(source, key=lambda r: int(r['seed']))
+  for a, b in zip(by_seed(rows[0]), by_seed(rows[1])):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  with open(tmp_path / 'couple.0.log') as f0, open(tmp_path / 'couple.1.log') as f1:
+    assert 'done: 40 pairs (40 generated now' in f0.read() and 'done:' not in f1.read()
+  assert not glob.glob(os.path.join(two, 'chunks', '*tmp*'))
 
 
 def test_checkpoint_with_per_process_data_position_is_refused(micro_cfg, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import distill
 from imdm_jax import distillation, init_from, noise, redi, sharding, train_state, trainer
 from imdm_jax.errors import UserError
 
@@ -27,15 +28,16 @@ def _randomise(path, cfg):
   ckpt.wait()
 
 
+OVERRIDES = ('model.noise_dim=8', 'model.dropout=0.0', 'train.num_steps=2', 'train.ckpt_every=2',
+             'train.eval_batches=1', 'distill.num_pairs=40', 'distill.teacher_steps=1',
+             'distill.teacher_final=greedy', 'distill.teacher_fix_eps=true',
+             'distill.full_mask_fraction=0.5')
+
+
 @pytest.fixture(scope='module')
 def imdm_teacher(tmp_path_factory, data_dir):
   from imdm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.resolve('micro', ['model.noise_dim=8', 'model.dropout=0.0', 'train.num_steps=2',
-                                     'train.ckpt_every=2', 'train.eval_batches=1',
-                                     'distill.num_pairs=40', 'distill.teacher_steps=1',
-                                     'distill.teacher_final=greedy', 'distill.teacher_fix_eps=true',
-                                     'distill.full_mask_fraction=0.5'])
-  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+  cfg = config_lib.resolve('micro', [*OVERRIDES, f'data.data_dir={data_dir}'])
   root = tmp_path_factory.mktemp('redi')
   trainer.train(cfg, str(root / 'teacher'))
   _randomise(str(root / 'teacher'), cfg)
@@ -94,3 +96,20 @@ def test_redi_training_runs_and_refuses_foreign_couplings(imdm_teacher):
   wider = dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=385))
   with pytest.raises(UserError, match='vocab_size'):
     redi.generate(wider, str(root / 'teacher'), str(root / 'z'))
+
+
+def test_redi_generate_command_ends_with_a_summary(imdm_teacher, capsys):
+  cfg, root = imdm_teacher
+  out = str(root / 'cli')
+  distill.main(['redi-generate', '--preset', 'micro', '--teacher', str(root / 'teacher'), '--out',
+                out, *[a for s in (*OVERRIDES, f'data.data_dir={cfg.data.data_dir}')
+                       for a in ('--set', s)]])
+  full = (_pairs(out)['t'] == 1.0).mean()
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith(f'done: 40 pairs (40 generated now, {full:.1%} with t = 1) in ')
+  assert last.endswith(f' s | couplings {out}')
+  os.remove(os.path.join(out, 'chunks', 'chunk_000001.npz'))  # resumed: one chunk of 16 is new
+  distill.main(['redi-generate', '--preset', 'micro', '--teacher', str(root / 'teacher'), '--out',
+                out, *[a for s in (*OVERRIDES, f'data.data_dir={cfg.data.data_dir}')
+                       for a in ('--set', s)]])
+  assert '(16 generated now' in capsys.readouterr().out

@@ -1,15 +1,19 @@
-"""SDTT: divergences, teacher targets, frozen teachers and round boundaries."""
+"""SDTT: divergences, teacher grids and targets, 64-bit teacher draws, frozen teachers and round
+boundaries."""
 
 import dataclasses
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imdm_jax import distillation, init_from, loss, sdtt, sharding, train_state, trainer
+from imdm_jax import config as config_lib
+from imdm_jax import distillation, init_from, loss, sampler, sdtt, sharding, train_state, trainer
 from imdm_jax.config import Config, DistillConfig, ModelConfig
+from imdm_jax.errors import UserError
 
 
 @pytest.mark.parametrize('kind', ['kl-bwd', 'kl-fwd', 'mse', 'tvd'])
@@ -140,3 +144,123 @@ def test_teacher_frozen_within_a_round_and_replaced_at_boundaries(micro_cfg, tmp
   assert len(jax.tree.leaves(restored.student.opt_state)) == 2 * n_student + 2
   assert int(restored.round) == 1 and int(restored.student.step) == 6
   assert os.path.exists(tmp_path / 'sdtt' / 'metrics.jsonl')
+
+
+def _targets(grid, t, dt, key=0):
+  cfg = dataclasses.replace(CFG, distill=dataclasses.replace(CFG.distill, teacher_grid=grid))
+  z_t = jnp.full(t.shape + (L,), MASK).at[:, 0].set(0)
+  return jax.jit(lambda key, t: sdtt.teacher_targets(_denoiser, key, z_t, None, t, jnp.float32(dt),
+                                                     MASK, cfg))(jax.random.PRNGKey(key), t)
+
+
+@pytest.mark.parametrize('grid,steps', [
+    ('intended', ((0.5, 0.1), (0.4, 0.1))),  # t -> t - dt -> t - 2dt
+    ('wide', ((0.5, 0.2), (0.3, 0.2))),  # t -> t - 2dt -> t - 4dt
+    ('slip', ((0.65, 0.1), (0.15, 0.1))),  # s -> s - dt, s = t + (1 - t)(t - 2dt), (1 - t)(t - 2dt)
+])
+def test_teacher_grids_by_hand_and_the_reveal_rates_they_give(grid, steps):
+  """(start, length) of the teacher's two steps at t = 0.5, dt = 0.1, and the share of masked
+  positions each step reveals: length / start of those still masked."""
+  t = jnp.full((4096,), 0.5)
+  got = np.asarray(sdtt.teacher_steps(t, jnp.float32(0.1), grid))  # [2 steps, (start, length), B]
+  np.testing.assert_allclose(got, np.broadcast_to(np.asarray(steps)[..., None], got.shape),
+                             rtol=1e-6)
+  _, revealed_in = _targets(grid, t, 0.1)
+  r = np.asarray(revealed_in)[:, 1:]  # 4096 x 7 masked positions
+  (start1, length1), (start2, length2) = steps
+  np.testing.assert_allclose((r == 1).mean(), length1 / start1, atol=0.01)
+  np.testing.assert_allclose((r == 2).sum() / (r != 1).sum(), length2 / start2, atol=0.01)
+
+
+def test_slip_grid_clamps_its_starts_and_late_steps_reveal_everything():
+  t = jnp.array([0.1])
+  (s1, _), (s2, _) = sdtt.teacher_steps(t, jnp.float32(0.1), 'slip')
+  np.testing.assert_allclose([float(s1[0]), float(s2[0])], [0.01, 1e-5], rtol=1e-5)  # -0.09 -> eps
+  for grid in ('intended', 'wide', 'slip'):  # steps reaching below 0 reveal every position
+    _, revealed_in = _targets(grid, jnp.full((64,), 0.1), 0.1)
+    assert (np.asarray(revealed_in)[:, 1:] > 0).all()
+
+
+def test_teacher_base_steps_sets_the_round_zero_teacher():
+  assert DistillConfig().teacher_base_steps == 1024
+  for base, round_, steps in ((1024, 0, 1024), (1024, 7, 8), (16, 0, 16), (16, 2, 4)):
+    cfg = dataclasses.replace(CFG, distill=DistillConfig(teacher_base_steps=base))
+    np.testing.assert_allclose(float(sdtt.teacher_dt(cfg, jnp.int32(round_))), 0.999 / steps,
+                               rtol=1e-6)
+  with pytest.raises(UserError, match='teacher_base_steps'):
+    config_lib.resolve('micro', ['distill.teacher_base_steps=0'])
+  assert config_lib.resolve('micro', ['distill.teacher_grid=slip']).distill.teacher_grid == 'slip'
+
+
+def test_exponential_variates_from_64_bits():
+  hi = np.array([0, 0, 0, 12345, 2**31 - 1, 2**31, 3_000_000_000, 2**32 - 1, 2**32 - 1], np.uint32)
+  lo = np.array([0, 1, 2**32 - 1, 678, 2**32 - 1, 0, 99, 0, 2**32 - 1], np.uint32)
+  got = np.asarray(sdtt.exponential_from_bits(jnp.asarray(hi), jnp.asarray(lo)))
+  v = (hi.astype(np.float64) * 2**32 + lo + 0.5) / 2**64  # exact enough where V < 1/2
+  w = ((~hi).astype(np.float64) * 2**32 + (~lo).astype(np.float64) + 0.5) / 2**64  # 1 - V
+  expected = np.where(v < 0.5, -np.log1p(-np.minimum(v, 0.5)), -np.log(w))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=2e-6)
+  assert got[0] == np.float32(2.0**-65) and np.isclose(got[-1], 65 * np.log(2), rtol=1e-6)
+  n = 1_000_000  # and the law: P(E < x) = 1 - exp(-x)
+  e = np.asarray(jax.jit(lambda key: sdtt.exponential(key, (n,)))(jax.random.PRNGKey(0)))
+  for x in (1e-3, 0.1, 1.0, 5.0):
+    p = -np.expm1(-x)
+    assert abs((e < x).mean() - p) < 5 * np.sqrt(p * (1 - p) / n), x
+
+
+def test_race_draws_a_1e10_tail_at_its_rate():
+  """A token of relative probability q wins the race iff its variate E_q < q E_head: for
+  q = 1e-10 only variates from hi = 0 (V < 2^-32, probability 2^-32) get there. Conditioned on
+  that event (lo uniform), the tail wins w.p. E[min(1, c E_head)] = c (1 - exp(-1/c)),
+  c = q 2^32 — a float32 uniform's smallest variate (~1.2e-7) could never win it."""
+  n, q = 200_000, 1e-10
+  k_head, k_tail = jax.random.split(jax.random.PRNGKey(1))
+
+  @jax.jit
+  def tail_wins(k_head, k_tail):
+    hi, lo = jax.random.bits(k_head, (2, n), jnp.uint32)
+    e_head = sdtt.exponential_from_bits(hi, lo)
+    e_tail = sdtt.exponential_from_bits(jnp.zeros((n,), jnp.uint32),
+                                        jax.random.bits(k_tail, (n,), jnp.uint32))
+    probs = jnp.array([1.0, q], jnp.float32)
+    return jnp.mean(jnp.argmax(probs / jnp.stack([e_head, e_tail], -1), -1) == 1)
+
+  c = q * 2.0**32
+  expected = c * -np.expm1(-1 / c)
+  assert abs(float(tail_wins(k_head, k_tail)) - expected) < 5 * np.sqrt(expected / n)
+
+
+def test_sdtt_step_differs_from_a_float32_race_only_in_its_draws(monkeypatch):
+  """Round 11 (dt ~ 2): the teacher's first step reveals everything, so no draw can change the
+  targets — the step with 64-bit draws and the one with float32 draws (as before) agree exactly,
+  state and metrics. At round 3 the draws matter, and the two steps differ."""
+  cfg = Config(model=ModelConfig(vocab_size=33, hidden_size=32, n_blocks=1, n_heads=2,
+                                 cond_dim=16, dropout=0.0),
+               data=dataclasses.replace(Config().data, seq_len=16),
+               train=dataclasses.replace(Config().train, batch_size=8))
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+  student = train_state.init_state(cfg, 32, mesh)
+  leaves, treedef = jax.tree.flatten(student.params)
+
+  def randomised(seed):  # outputs that depend on z, and a teacher unlike the student
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape)
+                                        for k, x in zip(keys, leaves)])
+
+  state = sdtt.SdttState(student=student.replace(params=randomised(0)), teacher=randomised(1),
+                         round=jnp.int32(0))
+  graphdef = train_state.model_graphdef(cfg, 32)
+  batch = {'tokens': jnp.asarray(np.random.default_rng(0).integers(0, 32, (8, 16)), jnp.int32),
+           'attention_mask': jnp.ones((8, 16), jnp.int32)}
+  ours = sdtt.categorical
+
+  def run(categorical, round_):
+    monkeypatch.setattr(sdtt, 'categorical', categorical)
+    step = jax.jit(lambda s, b: sdtt.sdtt_step(s, b, graphdef=graphdef, cfg=cfg))
+    return jax.device_get(step(state.replace(round=jnp.int32(round_)), batch))
+
+  late = run(ours, 11)
+  assert late[1]['loss'] > 0.1  # the student is far from this teacher: t, z_t and eps matter
+  chex.assert_trees_all_equal(late, run(sampler.categorical, 11))
+  assert run(ours, 3)[1]['loss'] != run(sampler.categorical, 3)[1]['loss']
