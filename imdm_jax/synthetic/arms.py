@@ -1,0 +1,182 @@
+"""The arms of the synthetic experiment, run with the project's own steps (no special cases).
+
+One MDM is trained by the NELBO; every arm starts from it. IMDM arms start from the same weights
+plus the zero-initialised mask-noise path (method.md §3: the IMDM student of an MDLM), so at step
+0 an IMDM computes exactly the MDM. Each arm then gets the same number of student updates
+(`Setting.budget`): more NELBO, SDTT rounds, or ReDi rounds; `sdtt+redi` spends a ReDi budget on
+top of the SDTT student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from imdm_jax import init_from, noise, redi, sampler, sdtt, sharding, train_state, train_step
+from imdm_jax.config import (Config, DiffusionConfig, DistillConfig, ModelConfig, OptimConfig,
+                             TrainConfig)
+from imdm_jax.synthetic import task
+from imdm_jax.synthetic.settings import Setting
+
+Params = train_state.Params
+Log = Callable[[str], None]
+
+
+def config(s: Setting, imdm: bool) -> Config:
+  model = ModelConfig(vocab_size=s.vocab + 1, hidden_size=s.hidden, n_blocks=s.blocks,
+                      n_heads=s.heads, cond_dim=s.hidden, dropout=0.0,
+                      noise_dim=s.noise_dim if imdm else 0)
+  cfg = Config(model=model, diffusion=DiffusionConfig(),
+               optim=OptimConfig(lr=s.lr, warmup_steps=50, ema_decay=0.0),
+               train=TrainConfig(batch_size=s.batch, seed=s.seed),
+               distill=DistillConfig(round_steps=max(s.budget // s.sdtt_rounds, 1),
+                                     num_rounds=s.sdtt_rounds,
+                                     teacher_base_steps=2 ** s.sdtt_rounds,
+                                     teacher_steps=s.teacher_steps,
+                                     full_mask_fraction=s.full_mask_fraction))
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=s.length))
+
+
+class Runner:
+  """Holds the mesh and the data; every method is one stage of an arm, returning parameters."""
+
+  def __init__(self, s: Setting, mesh: Mesh, log: Log = print):
+    self.s, self.mesh, self.log = s, mesh, log
+    self.mask_id = s.vocab
+    self.data = task.sequences(np.random.default_rng(s.seed), s.num_data, s.vocab, s.length)
+    self.rng = np.random.default_rng(s.seed + 1)
+
+  def _batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    idx = self.rng.integers(0, len(next(iter(rows.values()))), self.s.batch)
+    batch = {k: v[idx] for k, v in rows.items()}
+    batch['attention_mask'] = np.ones_like(batch['z_T' if 'z_T' in batch else 'tokens'])
+    return sharding.to_global(batch, self.mesh)
+
+  def _state(self, cfg: Config, params: Params | None) -> train_state.TrainState:
+    state = train_state.init_state(cfg, self.mask_id, self.mesh)
+    if params is None:
+      return state
+    # copies: the steps donate their state, and `params` is the start of other arms too
+    params = jax.tree.map(jnp.copy, init_from.graft(state.params, params, 'synthetic'))
+    return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
+
+  def _run(self, cfg, state, step_fn, steps, rows, what, before_step=None):
+    graphdef = train_state.model_graphdef(cfg, self.mask_id)
+    step = train_step.compile_train_step(cfg, graphdef, self.mesh, state, step_fn)
+    start, loss = time.time(), float('nan')
+    for k in range(steps):
+      if before_step is not None:
+        state = before_step(state, k)
+      state, out = step(state, self._batch(rows))
+      loss = float(out['loss']) if k == steps - 1 else loss
+    self.log(f'  {what}: {steps} steps, final loss {loss:.4f}, {time.time() - start:.0f} s')
+    return state
+
+  def nelbo(self, cfg: Config, params: Params | None, steps: int) -> Params:
+    state = self._run(cfg, self._state(cfg, params), train_step.train_step, steps,
+                      {'tokens': self.data}, 'NELBO')
+    return state.params
+
+  def sdtt(self, cfg: Config, params: Params) -> Params:
+    """`num_rounds` rounds of `round_steps`: the teacher halves its step count each round."""
+    student = self._state(cfg, params)
+    state = sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
+                           round=jnp.zeros((), jnp.int32))
+
+    def before_step(state, k):
+      return sdtt.next_round(state) if k and k % cfg.distill.round_steps == 0 else state
+
+    steps = cfg.distill.round_steps * cfg.distill.num_rounds
+    return self._run(cfg, state, sdtt.sdtt_step, steps, {'tokens': self.data},
+                     f'SDTT ({cfg.distill.num_rounds} rounds)', before_step).student.params
+
+  def couplings(self, cfg: Config, params: Params, n: int, round_: int,
+                temperature: float) -> dict[str, np.ndarray]:
+    """`n` pairs from `params` sampling as `cfg` (eps from each pair's seed, held fixed)."""
+    tcfg = dataclasses.replace(cfg, distill=dataclasses.replace(
+        cfg.distill, teacher_temperature=temperature, teacher_fix_eps=True))
+    run = redi.compile_coupler(tcfg, train_state.model_graphdef(tcfg, self.mask_id), self.mesh,
+                               self.mask_id)
+    rng = np.random.default_rng((self.s.seed, round_))
+    out, start = [], time.time()
+    for c in range(-(-n // self.s.batch)):
+      x = task.sequences(rng, self.s.batch, self.s.vocab, self.s.length)
+      seeds = (round_ * 10_000_000 + c * self.s.batch + np.arange(self.s.batch)).astype(np.int32)
+      z, x_hat, t = run(params, jax.random.PRNGKey(round_ * 100_003 + c), x, seeds)
+      out.append({'z_T': z, 'x_hat': x_hat, 't': t, 'seed': seeds})
+    pairs = {k: np.concatenate([o[k] for o in out])[:n] for k in out[0]}
+    fit = (pairs['x_hat'] == pairs['x_hat'][:, :1]).all(-1).mean()
+    self.log(f'  couplings: {n} pairs in {time.time() - start:.0f} s, {fit:.3f} constant')
+    return pairs
+
+  def balanced(self, cfg: Config, params: Params, temperature: float, n: int = 8192,
+               iterations: int = 50) -> Params:
+    """`params` with per-value offsets `b` subtracted from the output bias, fitted so that the
+    one-step distribution at temperature `temperature` of a fully masked position, averaged over
+    fresh eps and positions, is uniform over the V_s values.
+
+    A low-temperature teacher sharpens the student's eps -> c map, but it also amplifies any
+    imbalance between values round after round (the values the student slightly prefers take over
+    the regions of eps where it is unsure): the balanced teacher sharpens without collapsing.
+    """
+    graphdef = train_state.model_graphdef(cfg, self.mask_id)
+    z = jnp.full((n, self.s.length), self.mask_id, jnp.int32)
+    eps = noise.draw_eps(jax.random.PRNGKey(self.s.seed + 77), z.shape, cfg)
+    logits = jax.jit(lambda p: sampler.model_denoiser(p, graphdef, cfg)(
+        z, eps, jnp.ones((n,))))(params)  # [n, L, V]
+    logits = np.asarray(logits[..., :self.s.vocab], np.float64) / temperature
+    logits -= logits.max(-1, keepdims=True)
+    b = np.zeros(self.s.vocab)
+    for _ in range(iterations):  # fixed point of b <- b + log(V_s * marginal(b))
+      probs = np.exp(logits - b)
+      marginal = (probs / probs.sum(-1, keepdims=True)).mean((0, 1))
+      b += np.log(marginal * self.s.vocab)
+    out = jax.tree.map(lambda x: x, params)
+    bias = out['output_layer']['linear']['bias']
+    out['output_layer']['linear']['bias'] = bias.at[:self.s.vocab].add(
+        -jnp.asarray(b * temperature, bias.dtype))
+    return out
+
+  def redi(self, student_cfg: Config, teacher_cfg: Config, params: Params,
+           evaluate: Callable[[Params, int], None], balanced_temperature: float = 0.0) -> Params:
+    """`redi_rounds` rounds; round k + 1 re-couples from the round-k student and starts from it.
+
+    Round 1's teacher is `params` sampled as `teacher_cfg` (the start model, at temperature 1);
+    later teachers are the student itself at `Setting.teacher_temperature`, or, given a
+    `balanced_temperature`, the `balanced` student at that temperature.
+    """
+    s = self.s
+    later = (s.budget - s.redi_first_steps) // max(s.redi_rounds - 1, 1)
+    teacher, tcfg, temperature = params, teacher_cfg, 1.0
+    for r in range(s.redi_rounds):
+      pairs = self.couplings(tcfg, teacher, s.redi_first_pairs if r == 0 else s.redi_pairs, r,
+                             temperature)
+      state = self._state(student_cfg, params)
+      steps = s.redi_first_steps if r == 0 else later
+      params = self._run(student_cfg, state, redi.redi_step, steps, pairs,
+                         f'ReDi round {r + 1}').params
+      evaluate(params, r + 1)
+      teacher, tcfg, temperature = params, student_cfg, s.teacher_temperature
+      if balanced_temperature:
+        temperature = balanced_temperature
+        teacher = self.balanced(student_cfg, params, temperature)
+    return params
+
+  def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:
+    """`task.score` of `eval_samples` fresh samples at every step count of the setting."""
+    s, graphdef = self.s, train_state.model_graphdef(cfg, self.mask_id)
+    z = np.full((s.eval_samples, s.length), self.mask_id, np.int32)
+    eps = noise.draw_eps(jax.random.PRNGKey(seed), z.shape, cfg) if noise.is_imdm(cfg) else None
+    out = {}
+    for steps in s.eval_steps:
+      run = sampler.compile_sampler(cfg, graphdef, self.mesh, sampler.SamplerConfig(steps=steps),
+                                    self.mask_id)
+      x, _ = run(params, jax.random.PRNGKey(seed + steps), z, eps)
+      out[steps] = task.score(np.asarray(x), s.vocab)
+    return out

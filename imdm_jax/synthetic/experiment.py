@@ -1,0 +1,77 @@
+"""The whole synthetic experiment: one MDM base, eight arms (plus an optional extension), every arm scored at every step count.
+
+Results are written to `results.json` after every arm (an interrupted run keeps what it finished),
+then rendered as `results.md` and `results.png` by `report.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from imdm_jax import sharding
+from imdm_jax.checkpoint import write_json_atomic
+from imdm_jax.config import MeshConfig
+from imdm_jax.synthetic import report, task
+from imdm_jax.synthetic.arms import Runner, config
+from imdm_jax.synthetic.settings import Setting
+
+EVAL_SEED = 1234  # the same fresh samples' randomness for every arm
+
+
+def run(s: Setting, out: str, command: str, log=print) -> dict:
+  os.makedirs(out, exist_ok=True)
+  start = time.time()
+  runner = Runner(s, sharding.make_mesh(MeshConfig()), log)
+  mdm, imdm = config(s, imdm=False), config(s, imdm=True)
+  results = {'command': command, 'setting': dataclasses.asdict(s),
+             'ceiling': {str(k): task.mdm_ceiling(k, s.vocab, s.length) for k in s.eval_steps},
+             'arms': {}, 'rounds': {}, 'seconds': {}}
+
+  def record(name, cfg, params, t0):
+    results['arms'][name] = {str(k): v for k, v in runner.evaluate(cfg, params, EVAL_SEED).items()}
+    results['seconds'][name] = round(time.time() - t0)
+    write_json_atomic(os.path.join(out, 'results.json'), results)
+    one = results['arms'][name][str(s.eval_steps[0])]
+    log(f'{name}: {s.eval_steps[0]}-step constant {one["constant"]:.3f}, '
+        f'{one["distinct"]}/{s.vocab} values ({time.time() - t0:.0f} s)')
+
+  def per_round(name, cfg):
+    def evaluate(params, r):
+      scores = runner.evaluate(cfg, params, EVAL_SEED)
+      results['rounds'].setdefault(name, {})[str(r)] = {str(k): v for k, v in scores.items()}
+    return evaluate
+
+  t0 = time.time()
+  log(f'MDM base: {s.base_steps} NELBO steps')
+  base = runner.nelbo(mdm, None, s.base_steps)
+  record('mdm/base', mdm, base, t0)
+  for family, cfg in (('mdm', mdm), ('imdm', imdm)):
+    t0 = time.time()
+    record(f'{family}/nelbo', cfg, runner.nelbo(cfg, base, s.budget), t0)
+    t0 = time.time()
+    distilled = runner.sdtt(cfg, base)
+    record(f'{family}/sdtt', cfg, distilled, t0)
+    t0 = time.time()
+    record(f'{family}/redi', cfg, runner.redi(cfg, mdm, base, per_round(f'{family}/redi', cfg)), t0)
+    t0 = time.time()
+    params = runner.redi(cfg, cfg, distilled, per_round(f'{family}/sdtt+redi', cfg))
+    record(f'{family}/sdtt+redi', cfg, params, t0)
+  if s.balanced_temperature:
+    t0, name = time.time(), f'imdm/redi-balanced-T{s.balanced_temperature:g}'
+    params = runner.redi(imdm, mdm, base, per_round(name, imdm), s.balanced_temperature)
+    record(name, imdm, params, t0)
+  results['total_seconds'] = round(time.time() - start)
+  write_json_atomic(os.path.join(out, 'results.json'), results)
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write(report.markdown(results))
+  report.plot(results, os.path.join(out, 'results.png'))
+  log(f'done in {results["total_seconds"]} s: {out}/results.json, results.md, results.png')
+  return results
+
+
+def load(out: str) -> dict:
+  with open(os.path.join(out, 'results.json')) as f:
+    return json.load(f)

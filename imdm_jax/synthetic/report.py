@@ -1,0 +1,60 @@
+"""`results.json` of the synthetic experiment as a markdown table and a plot."""
+
+from __future__ import annotations
+
+ROUNDS_SUFFIX = ' after round {}'
+
+
+def _rows(results: dict) -> list[tuple[str, dict]]:
+  """Every arm, with the multi-round ReDi arms also shown after their first round."""
+  rows = []
+  for name, scores in results['arms'].items():
+    rounds = results['rounds'].get(name, {})
+    if len(rounds) > 1:
+      rows.append((name + ROUNDS_SUFFIX.format(1), rounds['1']))
+      name += ROUNDS_SUFFIX.format(max(map(int, rounds)))
+    rows.append((name, scores))
+  return rows
+
+
+def markdown(results: dict) -> str:
+  s = results['setting']
+  steps = list(results['ceiling'])
+  head = ('| arm | ' + ' | '.join(f'{k} step{"s" * (k != "1")}' for k in steps) +
+          ' | pairwise MI, 1 step (nats) |')
+  lines = [f'Fraction of constant sequences (± one standard error) / distinct values among them, '
+           f'out of V_s = {s["vocab"]}; {s["eval_samples"]} samples per cell, fresh eps, '
+           f'temperature 1. The data has pairwise MI log V_s = {_log(s["vocab"]):.2f} nats.', '',
+           head, '|---' * (len(steps) + 2) + '|',
+           '| exact MDM ceiling | ' + ' | '.join(f'{results["ceiling"][k]:.3f}' for k in steps) +
+           ' | |']
+  for name, scores in _rows(results):
+    cells = [f'{scores[k]["constant"]:.3f} ± {scores[k]["constant_se"]:.3f} / {scores[k]["distinct"]}'
+             for k in steps]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {scores[steps[0]]["pairwise_mi"]:.2f} |')
+  lines += ['', f'Command: `{results["command"]}`; total time {results.get("total_seconds", "?")} s.']
+  return '\n'.join(lines) + '\n'
+
+
+def _log(v: int) -> float:
+  import math  # pylint: disable=g-import-not-at-top
+  return math.log(v)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  steps = [int(k) for k in results['ceiling']]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.plot(steps, list(results['ceiling'].values()), 'k--', lw=2, label='exact MDM ceiling')
+  for name, scores in _rows(results):
+    style = '-' if name.startswith('imdm') else ':'
+    ax.plot(steps, [scores[str(k)]['constant'] for k in steps], style, marker='o', label=name)
+  ax.set(xscale='log', xlabel='sampling steps', ylabel='fraction of constant sequences',
+         ylim=(-0.02, 1.02), title=f'repeated-token task, V_s = {results["setting"]["vocab"]}')
+  ax.set_xticks(steps, [str(k) for k in steps])
+  ax.legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

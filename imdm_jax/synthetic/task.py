@@ -1,0 +1,88 @@
+"""The repeated-token task of method.md §5: its data, the exact MDM ceiling, and the metrics.
+
+Every sequence is `L` copies of one token `c ~ U{0..V_s-1}`; the mask is the extra id `V_s`. Any
+two positions share `log V_s` nats of information, so a sampler that reveals several positions
+in one step from independent per-position distributions (an MDM) can only make them agree by
+chance, while an IMDM can derive all of them from the same mask noise eps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+from imdm_jax import sampler, schedule
+
+
+def sequences(rng: np.random.Generator, n: int, vocab: int, length: int) -> np.ndarray:
+  """`n` training rows [n, L] int32: each row one token repeated."""
+  c = rng.integers(0, vocab, n)
+  return np.repeat(c[:, None], length, axis=1).astype(np.int32)
+
+
+def mdm_ceiling(steps: int, vocab: int, length: int, eps: float = 1e-3) -> float:
+  """P(constant) for a *perfect* MDM denoiser under this project's sampler with `steps` steps.
+
+  A perfect denoiser predicts U{0..V_s-1} at every position until something is revealed, and the
+  revealed token everywhere afterwards. So a sample is constant iff the first group of positions
+  revealed together all drew the same value: probability `V_s^-(K-1)` for a group of K. Each
+  masked position reveals w.p. `(a_s - a_t)/(1 - a_t)` per step on `sampler.time_grid`
+  independently, and the last step reveals all that remain.
+  """
+  t = np.asarray(sampler.time_grid(steps), np.float64)
+  a = np.asarray(schedule.alpha(t, eps), np.float64)
+  a[-1] = 1.0
+  sizes = np.arange(1, length + 1)
+  p_none_yet, total = 1.0, 0.0
+  for k in range(steps):
+    p = (a[k + 1] - a[k]) / (1.0 - a[k])
+    total += p_none_yet * np.sum(stats.binom.pmf(sizes, length, p) * float(vocab) ** -(sizes - 1.0))
+    p_none_yet *= (1.0 - p) ** length
+  return float(total)
+
+
+def expected_distinct(n: int, vocab: int) -> float:
+  """E[number of distinct values] among `n` uniform draws from `vocab` values."""
+  return vocab * -math.expm1(n * math.log1p(-1.0 / vocab))
+
+
+def pairwise_mutual_information(x: np.ndarray, vocab: int) -> float:
+  """Mean plug-in mutual information (nats) between pairs of positions of samples `x` [N, L].
+
+  The data has exactly `log V_s` for every pair; independent positions have 0. The full total
+  correlation needs the joint over V_s^L outcomes, which no sample size estimates here, so this is
+  the part of it that can be computed. The plug-in estimate is biased upwards by about
+  `(V_s - 1)^2 / (2N)` nats for independent positions.
+  """
+  n, length = x.shape
+  marginals = [np.bincount(x[:, i], minlength=vocab) / n for i in range(length)]
+  total, pairs = 0.0, 0
+  for i in range(length):
+    for j in range(i + 1, length):
+      joint = np.bincount(x[:, i] * vocab + x[:, j], minlength=vocab * vocab).reshape(vocab, vocab)
+      joint = joint / n
+      outer = marginals[i][:, None] * marginals[j][None, :]
+      nz = joint > 0
+      total += float(np.sum(joint[nz] * np.log(joint[nz] / outer[nz])))
+      pairs += 1
+  return total / pairs
+
+
+def score(x: np.ndarray, vocab: int) -> dict[str, float]:
+  """The metrics of one batch of samples `x` [N, L] (tokens >= vocab, e.g. masks, never match)."""
+  constant = (x == x[:, :1]).all(-1) & (x[:, 0] < vocab)
+  n_const = int(constant.sum())
+  distinct = len(np.unique(x[constant, 0]))
+  expected = expected_distinct(n_const, vocab)
+  valid = np.clip(x, 0, vocab - 1)
+  return {
+      'constant': n_const / len(x),
+      'constant_se': math.sqrt(n_const * (len(x) - n_const) / len(x) ** 3),  # binomial
+      'distinct': distinct,
+      'coverage': distinct / vocab,
+      # 1 when the constant samples cover as many values as uniform draws would: no collapse
+      'distinct_vs_uniform': distinct / expected if n_const else float('nan'),
+      'pairwise_mi': pairwise_mutual_information(valid, vocab),
+  }
