@@ -39,14 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--preset', default='tiny', help='the student (default tiny)')
   p.add_argument('--set', dest='overrides', action='append', default=[],
                  metavar='SECTION.KEY=VALUE')
-  # as train.py's (README, Scaling out)
-  cluster = p.add_argument_group('multi-process', 'one process per host, the same command on each')
-  cluster.add_argument('--multihost', action='store_true',
-                       help='join a job found by jax.distributed.initialize (automatic under '
-                            'srun/mpirun with several tasks or with JAX_COORDINATOR_ADDRESS)')
-  cluster.add_argument('--coordinator', metavar='HOST:PORT', help='address of process 0')
-  cluster.add_argument('--num_processes', type=int, metavar='N', help='processes in the job')
-  cluster.add_argument('--process_id', type=int, metavar='I', help='this process, 0 .. N-1')
+  runtime.add_cluster_flags(p)
   return p.parse_args(argv)
 
 
@@ -61,8 +54,7 @@ def _need(args, *names):
 def main(argv=None) -> None:
   args = parse_args(argv)
   cfg = config_lib.resolve(args.preset, args.overrides)  # bad flags fail before joining a job
-  runtime.setup(args.multihost or runtime.launched_as_multiprocess(os.environ),
-                args.coordinator, args.num_processes, args.process_id)
+  runtime.setup_from_args(args)
   import jax  # pylint: disable=g-import-not-at-top  (after runtime.setup)
   from imdm_jax import distillation, redi, trainer  # pylint: disable=g-import-not-at-top
   if args.method == 'sdtt':

@@ -3,11 +3,14 @@
   python sample.py --checkpoint runs/default --steps 8 --num_samples 64
   python sample.py --checkpoint runs/default --steps 1,2,4,8,16,32,128 --eval --evaluator runs/ar
   python sample.py --checkpoint runs/default --prefix "In the beginning" --steps 32
+  python sample.py --multihost ...                 # every host of a TPU pod slice / GPU cluster
 
 Writes <run>/samples/samples_steps{S}.jsonl (text, token ids, steps, seed) and metrics.json /
 metrics.md / metrics.png (entropy per step count, and Gen PPL under --evaluator, a causal-LM
-checkpoint: `train.py --preset tiny-ar`, or GPT-2 ported by convert.py). Bad input: one line on
-stderr, exit status 2, no output file.
+checkpoint: `train.py --preset tiny-ar`, or GPT-2 ported by convert.py). Joins multi-process jobs
+like train.py: every process runs the same command, each batch is split over all devices, and
+process 0 prints and writes; the samples depend on the seed only, not on the number of processes.
+Bad input: one line on stderr, exit status 2, no output file.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from imdm_jax import runtime
-from imdm_jax.errors import exits_cleanly
+from imdm_jax.errors import UserError, exits_cleanly
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,21 +42,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--float32', action='store_true', help='float32 categorical draws (biased)')
   p.add_argument('--no_cache', action='store_true', help='call the network at every step')
   p.add_argument('--fix_eps', action='store_true', help='IMDM: never re-draw the mask noise')
+  runtime.add_cluster_flags(p)
   return p.parse_args(argv)
 
 
 @exits_cleanly
 def main(argv=None) -> None:
   args = parse_args(argv)
-  runtime.setup()
-  from imdm_jax import generation, sampler  # pylint: disable=g-import-not-at-top
-  from imdm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  try:
+  try:  # bad flags fail before joining a job
     steps = tuple(int(s) for s in args.steps.split(','))
   except ValueError:
     raise UserError(f'--steps: expected integers separated by commas, got {args.steps!r}') from None
   if args.evaluator and not args.eval:
     raise UserError('--evaluator scores samples only with --eval')
+  runtime.setup_from_args(args)
+  from imdm_jax import generation, sampler  # pylint: disable=g-import-not-at-top
   scfg = sampler.SamplerConfig(steps=steps[0], final=args.final, float64=not args.float32,
                                temperature=args.temperature, top_p=args.top_p,
                                cache=not args.no_cache, fix_eps=args.fix_eps)

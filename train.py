@@ -11,7 +11,6 @@ Resumes from `--workdir` automatically. Bad input: one line on stderr, exit stat
 from __future__ import annotations
 
 import argparse
-import os
 
 from imdm_jax import config as config_lib
 from imdm_jax import runtime
@@ -31,16 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help='start a fresh run from the EMA weights of this run directory or '
                            'checkpoint (e.g. an IMDM from an MDLM); ignored when resuming')
   parser.add_argument('--list_presets', action='store_true', help='print the presets and exit')
-  cluster = parser.add_argument_group(
-      'multi-process', 'one process per host, each running the same command (README, Scaling out)')
-  cluster.add_argument('--multihost', action='store_true',
-                       help='join a multi-process job found by jax.distributed.initialize (TPU pod '
-                            'slice, Slurm, Open MPI, Kubernetes); automatic under srun/mpirun with '
-                            'more than one task or when JAX_COORDINATOR_ADDRESS is set')
-  cluster.add_argument('--coordinator', metavar='HOST:PORT',
-                       help='address of process 0 (clusters JAX does not detect, local emulation)')
-  cluster.add_argument('--num_processes', type=int, metavar='N', help='processes in the job')
-  cluster.add_argument('--process_id', type=int, metavar='I', help='this process, 0 .. N-1')
+  runtime.add_cluster_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -52,8 +42,7 @@ def main(argv=None) -> None:
       print(f'{name}: {fn.__doc__.strip()}\n')
     return
   cfg = config_lib.resolve(args.preset, args.overrides)  # bad flags fail before joining a job
-  runtime.setup(args.multihost or runtime.launched_as_multiprocess(os.environ),
-                args.coordinator, args.num_processes, args.process_id)
+  runtime.setup_from_args(args)
   from imdm_jax import trainer  # pylint: disable=g-import-not-at-top  (after runtime.setup)
   trainer.train(cfg, args.workdir, init_from=args.init_from)
 

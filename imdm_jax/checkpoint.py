@@ -24,6 +24,7 @@ from imdm_jax.errors import UserError
 ARCHITECTURE_SECTIONS = ('model',)
 ARCHITECTURE_DIFFUSION_KEYS = ('noise_type', 'num_mask_states')  # they add parameters
 DATA_KEYS = ('source', 'seq_len', 'wrap', 'tokenizer', 'val_split')
+EXECUTION_MODEL_KEYS = ('dtype', 'remat')  # how the network runs, not what it is: may change
 
 
 class Checkpointer:
@@ -77,7 +78,8 @@ class Checkpointer:
 def check_compatible(saved: config_lib.Config, cfg: config_lib.Config, where: str) -> None:
   """Refuses to resume a run whose network or data differ from the checkpoint's."""
   saved_d, cfg_d = config_lib.to_dict(saved), config_lib.to_dict(cfg)
-  keys = [(s, k) for s in ARCHITECTURE_SECTIONS for k in cfg_d[s]]
+  keys = [(s, k) for s in ARCHITECTURE_SECTIONS for k in cfg_d[s]
+          if (s, k) not in [('model', e) for e in EXECUTION_MODEL_KEYS]]
   keys += [('diffusion', k) for k in ARCHITECTURE_DIFFUSION_KEYS]
   keys += [('data', k) for k in DATA_KEYS]
   for section, key in keys:

@@ -96,8 +96,11 @@ class Evaluator:
       pad = batch_size - len(r)  # rows of zero weight keep every batch the same shape
       r = np.concatenate([r, np.zeros((pad, r.shape[1]), np.int32)])
       c = np.concatenate([c, np.zeros((pad, c.shape[1]), np.float32)])
-      out = _scorer(self.cfg)(self.params, jax.device_put(r, sharding.batch_sharding(
-          self.mesh)), jax.device_put(c, sharding.batch_sharding(self.mesh)))
+      # every process scores the same samples: each feeds its own devices' rows, and all read
+      # the sums (scalars: on every device)
+      rows_on = sharding.batch_sharding(self.mesh)
+      out = _scorer(self.cfg)(self.params, sharding.host_to_global(r, rows_on),
+                              sharding.host_to_global(c, rows_on))
       total += float(out[0])
       count += float(out[1])
     return math.exp(total / max(count, 1.0)), total, int(count)

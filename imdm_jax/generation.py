@@ -4,6 +4,10 @@ Restores a run's EMA weights, samples in batches over the device mesh for each r
 count, decodes, writes `samples_steps{S}.jsonl` (text, token ids, steps, seed) and, with
 evaluation, `metrics.json` / `metrics.md` (Gen PPL and entropy per step count) and a plot. Every
 file is written to a temporary name and renamed, so an interrupted run leaves no partial output.
+
+Under several processes every process runs all of it on the same inputs (each batch is one
+global batch over all devices, its outputs gathered to every process), so the samples and scores
+are those of one process with the same devices; process 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -68,6 +71,8 @@ def _check(req: Request, n_dev: int) -> int:
 
 
 def run(req: Request) -> dict:
+  is_main = jax.process_index() == 0
+  say = print if is_main else lambda *_: None
   mesh = sharding.make_mesh(MeshConfig())
   batch = _check(req, mesh.devices.size)
   cfg = init_from.saved_config(req.checkpoint)
@@ -80,7 +85,8 @@ def run(req: Request) -> dict:
   graphdef = train_state.model_graphdef(cfg, tok.mask_id)
   out = req.out or os.path.join(os.path.dirname(init_from.checkpoint_dir(req.checkpoint)),
                                 'samples')
-  os.makedirs(out, exist_ok=True)
+  if is_main:
+    os.makedirs(out, exist_ok=True)
   L = cfg.data.seq_len
 
   results = []
@@ -89,12 +95,13 @@ def run(req: Request) -> dict:
     run_sampler = sampler.compile_sampler(cfg, graphdef, mesh, scfg, tok.mask_id)
     key = jax.random.PRNGKey(req.seed)
     ids, nfe = [], 0
-    for b in tqdm(range(req.num_samples // batch), desc=f'{steps} steps', leave=False):
+    for b in tqdm(range(req.num_samples // batch), desc=f'{steps} steps', leave=False,
+                  disable=not is_main):
       k_sample, k_eps = jax.random.split(jax.random.fold_in(key, b))
       z = np.full((batch, L), tok.mask_id, np.int32)
       z[:, :len(given)] = given
       eps = noise.draw_eps(k_eps, z.shape, cfg) if noise.is_imdm(cfg) else None
-      x, stats = jax.device_get(run_sampler(params, k_sample, jnp.asarray(z), eps))
+      x, stats = jax.device_get(run_sampler(params, k_sample, z, eps))
       ids.append(np.asarray(x))
       nfe += int(stats['nfe'])
     ids = np.concatenate(ids)
@@ -102,36 +109,38 @@ def run(req: Request) -> dict:
     lines = [json.dumps({'text': '\n'.join(d), 'token_ids': row.tolist(), 'steps': steps,
                          'seed': req.seed, 'index': i}) for i, (d, row) in enumerate(zip(docs, ids))]
     path = os.path.join(out, f'samples_steps{steps}.jsonl')
-    _write_atomic(path, '\n'.join(lines) + '\n')
+    if is_main:
+      _write_atomic(path, '\n'.join(lines) + '\n')
     row = {'steps': steps, 'num_samples': len(ids), 'entropy': evaluate.unigram_entropy(ids),
            'network_calls_per_batch': nfe / (req.num_samples // batch), 'samples': path}
-    if evaluator is not None:
+    if evaluator is not None:  # on every process: the scorer is one program over all devices
       row['gen_ppl'], _, row['scored_tokens'] = evaluator.score(docs)
     results.append(row)
-    print(f'{steps} steps: ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
-                                          for k, v in row.items() if k != 'samples'))
+    say(f'{steps} steps: ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
+                                        for k, v in row.items() if k != 'samples'))
     for d in docs[:2]:
-      print('  > ' + ' / '.join(d)[:300])
+      say('  > ' + ' / '.join(d)[:300])
   summary = {'checkpoint': os.path.abspath(req.checkpoint), 'seed': req.seed, 'prefix': req.prefix,
              'evaluator': req.evaluator, 'sampler': dataclasses.asdict(req.scfg), 'results': results}
   if req.nelbo:
-    summary['val_nelbo_ppl'] = _validation_nelbo(cfg, graphdef, mesh, params)
-  _write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
-  _write_atomic(os.path.join(out, 'metrics.md'), _table(results))
-  _plot(results, os.path.join(out, 'metrics.png'))
+    summary['val_nelbo_ppl'] = _validation_nelbo(cfg, graphdef, mesh, params, say)
+  if is_main:
+    _write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
+    _write_atomic(os.path.join(out, 'metrics.md'), _table(results))
+    _plot(results, os.path.join(out, 'metrics.png'))
   return summary
 
 
-def _validation_nelbo(cfg: Config, graphdef, mesh, params) -> float | None:
+def _validation_nelbo(cfg: Config, graphdef, mesh, params, say=print) -> float | None:
   """NELBO perplexity bound on the run's validation split (None if its data is not here)."""
   try:
     data = store.prepare(cfg)
   except UserError as e:
-    print(f'validation NELBO skipped: {e}')
+    say(f'validation NELBO skipped: {e}')
     return None
   eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, params)
   _, ppl = trainer.evaluate(eval_fn, params, data.validation, cfg, mesh)
-  print(f'validation NELBO perplexity <= {ppl:.2f}')
+  say(f'validation NELBO perplexity <= {ppl:.2f}')
   return ppl
 
 

@@ -29,11 +29,11 @@ from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
-from imdm_jax import init_from, loss, noise, sampler, schedule, sharding, train_state
+from imdm_jax import init_from, loss, noise, runtime, sampler, schedule, sharding, train_state
 from imdm_jax.config import Config, MeshConfig
 from imdm_jax.data import pipeline, store
 from imdm_jax.errors import UserError
-from imdm_jax.train_step import Batch, apply_gradients
+from imdm_jax.train_step import Batch, accumulate_gradients, apply_gradients
 
 META = 'couplings.json'
 
@@ -68,13 +68,9 @@ def compile_coupler(cfg: Config, graphdef, mesh, mask_id: int):
   # the outputs are gathered onto every device, so each process can read them locally
   jitted = jax.jit(program, out_shardings=sharding.replicated(mesh))
 
-  def put(a, where):  # a global array from the same host value in every process
-    a = np.asarray(a)
-    return jax.make_array_from_callback(a.shape, where, lambda index: a[index])
-
   def run(params, key, x, seeds):
     with jax.enable_x64(scfg.float64):
-      rows = sharding.batch_sharding(mesh)
+      rows, put = sharding.batch_sharding(mesh), sharding.host_to_global
       out = jitted(params, put(key, sharding.replicated(mesh)), put(x, rows), put(seeds, rows))
       return jax.device_get(out)
 
@@ -131,7 +127,7 @@ def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
       np.savez(tmp, z_T=z[keep], x_hat=x_hat[keep], t=t[keep].astype(np.float32),
                seed=seeds[keep], attention_mask=np.stack([r['attention_mask'] for r in rows])[keep])
       os.replace(tmp, path)
-  _barrier('redi: chunks written')
+  runtime.barrier('redi: chunks written')
   if is_main:
     meta = {'seq_len': cfg.data.seq_len, 'vocab_size': cfg.model.vocab_size,
             'tokenizer': data.tokenizer.name, 'num_pairs': n, 'teacher': os.path.abspath(teacher)}
@@ -141,13 +137,8 @@ def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
     t = np.concatenate([np.load(p)['t'] for p in sorted(glob.glob(os.path.join(chunks, '*.npz')))])
     print(f'done: {len(t):,} pairs ({new:,} generated now, {np.mean(t == 1.0):.1%} with t = 1) in '
           f'{time.perf_counter() - start:.1f} s | couplings {os.path.abspath(out)}')
-  _barrier('redi: dataset written')
+  runtime.barrier('redi: dataset written')
   return out
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 class Couplings(tfds.core.GeneratorBasedBuilder):
@@ -194,19 +185,20 @@ def load(path: str, cfg: Config, tokenizer_name: str):
 def redi_step(state: train_state.TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
               cfg: Config) -> tuple[train_state.TrainState, dict[str, Array]]:
   k_eps, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  z, x_hat, t = batch['z_T'], batch['x_hat'], batch['t']
+  z = batch['z_T']
   if not noise.is_imdm(cfg):
     eps = None
   elif cfg.distill.ignore_seed:
     eps = noise.draw_eps(k_eps, z.shape, cfg)
   else:
     eps = noise.seeded_eps(batch['seed'], z.shape[1], cfg)
+  rows = {'z': z, 'x_hat': batch['x_hat'], 't': batch['t'], 'valid': batch['attention_mask'],
+          'eps': eps}
 
-  def objective(params):
+  def sums(params, r, key):
     model = nnx.merge(graphdef, params)
-    logits = model(z, schedule.sigma(t, cfg.diffusion.eps), eps, dropout_key=k_drop)
-    total, count = loss.nelbo(logits, x_hat, z, t, batch['attention_mask'], model.mask_id)
-    return total / jnp.maximum(count, 1.0)
+    logits = model(r['z'], schedule.sigma(r['t'], cfg.diffusion.eps), r['eps'], dropout_key=key)
+    return loss.nelbo(logits, r['x_hat'], r['z'], r['t'], r['valid'], model.mask_id)
 
-  value, grads = jax.value_and_grad(objective)(state.params)
+  value, grads = accumulate_gradients(sums, state.params, rows, k_drop, cfg.train.grad_accum)
   return apply_gradients(state, grads, value, cfg)

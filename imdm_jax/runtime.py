@@ -1,5 +1,6 @@
-"""Process-level setup shared by the entry scripts: multi-process initialisation, the persistent
-compilation cache and quieter logs. Call `setup()` before anything touches a JAX device.
+"""Process-level setup shared by the entry scripts: their cluster flags, multi-process
+initialisation, the persistent compilation cache and quieter logs. Call `setup()` (or
+`setup_from_args`) before anything touches a JAX device.
 
 Multi-controller JAX runs the same program once per host (or several times on one machine, to
 emulate that): `jax.distributed.initialize` connects the processes, after which `jax.devices()`
@@ -8,11 +9,13 @@ lists every device of the job and each process feeds its own slice of every batc
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from typing import Mapping
 
 import jax
+from jax.experimental import multihost_utils
 
 from imdm_jax.errors import UserError
 
@@ -26,6 +29,33 @@ def launched_as_multiprocess(environ: Mapping[str, str]) -> bool:
     return True
   counts = (environ.get('SLURM_STEP_NUM_TASKS', '1'), environ.get('OMPI_COMM_WORLD_SIZE', '1'))
   return any(c.isdigit() and int(c) > 1 for c in counts)
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of `setup_from_args`, one copy for every entry script."""
+  cluster = parser.add_argument_group(
+      'multi-process', 'one process per host, each running the same command (README, Scaling out)')
+  cluster.add_argument('--multihost', action='store_true',
+                       help='join a multi-process job found by jax.distributed.initialize (TPU pod '
+                            'slice, Slurm, Open MPI, Kubernetes); automatic under srun/mpirun with '
+                            'more than one task or when JAX_COORDINATOR_ADDRESS is set')
+  cluster.add_argument('--coordinator', metavar='HOST:PORT',
+                       help='address of process 0 (clusters JAX does not detect, local emulation)')
+  cluster.add_argument('--num_processes', type=int, metavar='N', help='processes in the job')
+  cluster.add_argument('--process_id', type=int, metavar='I', help='this process, 0 .. N-1')
+
+
+def setup_from_args(args: argparse.Namespace) -> None:
+  """`setup` from the flags of `add_cluster_flags` and the launcher's environment."""
+  setup(args.multihost or launched_as_multiprocess(os.environ), args.coordinator,
+        args.num_processes, args.process_id)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of the job gets here (nothing to wait for in a one-process job).
+  Every process must call it, with the same names in the same order."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def setup(multihost: bool = False, coordinator: str | None = None,

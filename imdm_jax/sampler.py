@@ -170,20 +170,23 @@ def model_denoiser(params, graphdef, cfg: Config) -> Denoiser:
 
 def compile_sampler(cfg: Config, graphdef, mesh: Mesh, scfg: SamplerConfig, mask_id: int):
   """`run(params, key, z, eps) -> (samples, stats)`: the DiT sampler compiled over the mesh, the
-  batch split over all devices, traced in float64 mode when `scfg.float64`."""
+  batch split over all devices, traced in float64 mode when `scfg.float64`. Under several
+  processes every process calls it with the same `key`, `z` [B, L] and `eps` (the whole batch);
+  each feeds its own devices' rows and gets every sample back."""
   validate(scfg, cfg)
 
   def program(params, key, z, eps):
     return sample(model_denoiser(params, graphdef, cfg), key, z, eps, mask_id=mask_id, cfg=cfg,
                   scfg=scfg)
 
-  batch = sharding.batch_sharding(mesh)
-  jitted = jax.jit(program, out_shardings=(batch, sharding.replicated(mesh)))
+  batch, everywhere = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  # the outputs are gathered onto every device, so each process can read them locally
+  jitted = jax.jit(program, out_shardings=everywhere)
 
   def run(params, key, z, eps=None):
     with jax.enable_x64(scfg.float64):
-      z = jax.device_put(z, batch)
-      eps = None if eps is None else jax.device_put(eps, batch)
-      return jitted(params, key, z, eps)
+      put = sharding.host_to_global
+      return jitted(params, put(key, everywhere), put(z, batch),
+                    None if eps is None else put(eps, batch))
 
   return run

@@ -31,7 +31,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from imdm_jax import loss, masking, noise, sampler, schedule
 from imdm_jax.config import Config
 from imdm_jax.train_state import Params, TrainState
-from imdm_jax.train_step import Batch, apply_gradients
+from imdm_jax.train_step import Batch, accumulate_gradients, apply_gradients
 
 
 @flax.struct.dataclass
@@ -137,25 +137,30 @@ def teacher_targets(denoiser: sampler.Denoiser, key: PRNGKeyArray, z_t: Int[Arra
 def sdtt_step(state: SdttState, batch: Batch, *, graphdef: nnx.GraphDef,
               cfg: Config) -> tuple[SdttState, dict[str, Array]]:
   student = state.student
-  k_t, k_mask, k_eps, k_teacher, k_drop = jax.random.split(
-      jax.random.fold_in(student.rng, student.step), 5)
+  k_t, k_mask, k_eps, k_micro = jax.random.split(jax.random.fold_in(student.rng, student.step), 4)
   x = batch['tokens']
   mask_id = nnx.merge(graphdef, state.teacher).mask_id
   t = schedule.sample_t(k_t, x.shape[0], cfg.diffusion.eps, cfg.diffusion.antithetic)
   z_t = masking.mask_tokens(k_mask, x, t, mask_id, cfg.diffusion.eps)
   eps = noise.draw_eps(k_eps, x.shape, cfg) if noise.is_imdm(cfg) else None  # shared
-  target, _ = teacher_targets(sampler.model_denoiser(state.teacher, graphdef, cfg), k_teacher, z_t,
-                              eps, t, teacher_dt(cfg, state.round), mask_id, cfg)
-  target = jax.lax.stop_gradient(target)
   weight = ((z_t == mask_id) & (batch['attention_mask'] > 0)).astype(jnp.float32)
+  rows = {'z_t': z_t, 't': t, 'eps': eps, 'weight': weight}
+  teacher = sampler.model_denoiser(state.teacher, graphdef, cfg)
+  dt = teacher_dt(cfg, state.round)
 
-  def objective(params):
-    logits = nnx.merge(graphdef, params)(z_t, schedule.sigma(t, cfg.diffusion.eps), eps,
-                                         dropout_key=k_drop)
-    div = loss.divergence(loss.subs_log_probs(logits, z_t, mask_id), target, cfg.distill.divergence)
-    return jnp.sum(div * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  def sums(params, r, key):
+    # The teacher runs per micro-batch, so its [B, L, V] targets never exist for the whole batch;
+    # its draws come from the micro-batch's key (same distribution as one big batch, not the
+    # same numbers, unless the draws cannot matter).
+    k_teacher, k_drop = jax.random.split(key)
+    target, _ = teacher_targets(teacher, k_teacher, r['z_t'], r['eps'], r['t'], dt, mask_id, cfg)
+    logits = nnx.merge(graphdef, params)(r['z_t'], schedule.sigma(r['t'], cfg.diffusion.eps),
+                                         r['eps'], dropout_key=k_drop)
+    div = loss.divergence(loss.subs_log_probs(logits, r['z_t'], mask_id),
+                          jax.lax.stop_gradient(target), cfg.distill.divergence)
+    return jnp.sum(div * r['weight']), jnp.sum(r['weight'])
 
-  value, grads = jax.value_and_grad(objective)(student.params)
+  value, grads = accumulate_gradients(sums, student.params, rows, k_micro, cfg.train.grad_accum)
   student, metrics = apply_gradients(student, grads, value, cfg)
   return state.replace(student=student), metrics
 

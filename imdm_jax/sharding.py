@@ -67,6 +67,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def host_to_global(value, where: NamedSharding) -> jax.Array:
+  """A global array laid out as `where` from a value every process holds in full and alike (a
+  numpy array, or a jax array on this process's devices): each process fills only its own
+  devices' shards. Across processes `jax.device_put` would first all-gather the whole value to
+  check that the processes agree; within one, it is used as is (a device-held value then moves
+  without a trip through the host)."""
+  if where.is_fully_addressable:
+    return jax.device_put(value, where)
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
+
+
 def path_str(path) -> str:
   parts = []
   for k in path:

@@ -2,12 +2,16 @@
 
   python tests/multihost_worker.py DUMP.npz TRAIN_PY_ARGUMENTS...
   python tests/multihost_worker.py DUMP.npz distill DISTILL_PY_ARGUMENTS...
+  python tests/multihost_worker.py DUMP.npz sample SAMPLE_PY_ARGUMENTS...
 
 Runs `train.py`'s `main` with the given arguments — the real path: cluster flags,
 `runtime.setup`, `trainer.train` — then writes what this process saw to DUMP.npz, for the parent
 to compare across processes (N processes, K devices each, global batch B, S = train.num_steps).
-With `distill`, runs `distill.py`'s `main` instead and dumps `topology` only:
+With `distill`, runs `distill.py`'s `main` instead and dumps `topology` only; with `sample`,
+`sample.py`'s `main`, and dumps `topology` and `written`:
   topology  int32 [3]          process count, global device count, local device count
+  written   str [F]            the files this process renamed into sample.py's --out (every
+                               output file is written to a temporary name, then renamed)
   tokens    int32 [S, B/N, L]  the local batches of the run's S steps
   position  str                the data iterator's state after those S batches (JSON)
   epoch     int32 [4, 16/N]    one epoch of 64 numbered rows, in global batches of 16
@@ -25,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=wrong-import-position
 
 import distill  # pylint: disable=wrong-import-position
+import sample  # pylint: disable=wrong-import-position
 import train  # pylint: disable=wrong-import-position
 from imdm_jax import config as config_lib  # pylint: disable=wrong-import-position
 
@@ -51,13 +56,32 @@ def what_this_process_saw(argv: list[str]) -> dict[str, np.ndarray]:
           'fsdp': np.array(fsdp)}
 
 
+def _topology() -> np.ndarray:
+  import jax  # pylint: disable=g-import-not-at-top  (after the main's runtime.setup)
+  return np.array([jax.process_count(), jax.device_count(), jax.local_device_count()])
+
+
+def _sample(argv: list[str]) -> dict[str, np.ndarray]:
+  out, written, rename = os.path.abspath(sample.parse_args(argv).out), [], os.replace
+
+  def recording_rename(src, dst, **kwargs):
+    if os.path.dirname(os.path.abspath(dst)) == out:
+      written.append(os.path.basename(dst))
+    return rename(src, dst, **kwargs)
+
+  os.replace = recording_rename
+  sample.main(argv)
+  return {'topology': _topology(), 'written': np.array(written, dtype=str)}
+
+
 def main() -> None:
   dump, argv = sys.argv[1], sys.argv[2:]
   if argv[0] == 'distill':
     distill.main(argv[1:])
-    import jax  # pylint: disable=g-import-not-at-top  (after distill.main's runtime.setup)
-    np.savez(dump, topology=np.array([jax.process_count(), jax.device_count(),
-                                      jax.local_device_count()]))
+    np.savez(dump, topology=_topology())
+    return
+  if argv[0] == 'sample':
+    np.savez(dump, **_sample(argv[1:]))
     return
   train.main(argv)
   np.savez(dump, **what_this_process_saw(argv))

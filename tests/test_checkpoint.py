@@ -71,6 +71,16 @@ def test_different_architecture_is_refused_and_nothing_is_touched(micro_cfg, tmp
   assert saved.model == micro_cfg.model
 
 
+def test_execution_options_may_change_on_resume(micro_cfg, tmp_path):
+  """bf16 compute, remat and micro-batches change how the step runs, not the parameters: a run
+  may resume under other settings (e.g. on smaller accelerators)."""
+  workdir = str(tmp_path)
+  trainer.train(_short(micro_cfg, num_steps=2, ckpt_every=2), workdir)
+  other = config_lib.apply_overrides(micro_cfg, ['model.dtype=bfloat16', 'model.remat=true',
+                                                 'train.grad_accum=2'])
+  assert trainer.train(_short(other, num_steps=4, ckpt_every=2), workdir).step == 4
+
+
 def test_config_round_trip_and_overrides():
   cfg = config_lib.resolve('lm1b-small', ['train.batch_size=64', 'model.attn_softcap=50',
                                           'data.wrap=true'])

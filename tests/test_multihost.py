@@ -11,8 +11,9 @@ Each must match `one8`: the same losses and final state (to float tolerance: the
 in another order) and the same next batch. The default jobs take about 40 s on 2 idle cores, most
 of it process 1 compiling (JAX's persistent cache serves process 0 only). Jobs run one at a
 time: XLA's CPU collectives (gloo) fail if processes reach their first collective more than 30 s
-apart, which a loaded machine can cause. ReDi coupling generation (`distill.py redi-generate`) is
-checked the same way: 2 x 4 processes against 1 x 8 here (slow).
+apart, which a loaded machine can cause. ReDi coupling generation (`distill.py redi-generate`) and
+sampling with evaluation (`sample.py --eval`) are checked the same way: 2 x 4 processes against
+1 x 8 here (slow).
 """
 
 import dataclasses
@@ -32,9 +33,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental import multihost_utils
 
+import sample
 from imdm_jax import checkpoint, config as config_lib, redi, runtime, sharding, train_state, trainer
-from imdm_jax.data import pipeline, store
+from imdm_jax.data import pipeline, store, tokenizers
 from imdm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +90,11 @@ def _start(name: str, tmp: pathlib.Path, workdir: str | None, processes: int, de
   sets = [f'data.data_dir={data_dir}', *OVERRIDES, *overrides]
   where = ['--workdir', workdir] if workdir else []
   args = [*command, '--preset', 'micro', *where, *[a for s in sets for a in ('--set', s)]]
+  return _launch(name, tmp, processes, devices, args)
+
+
+def _launch(name: str, tmp: pathlib.Path, processes: int, devices: int, args: list[str]) -> Job:
+  """N worker processes with `args` (multihost_worker.py's), joined on a free loopback port."""
   port = _free_port()
   job = Job([], [], [])
   for i in range(processes):
@@ -262,6 +270,76 @@ def test_two_processes_generate_the_couplings_of_one(tmp_path, data_dir):
   with open(tmp_path / 'couple.0.log') as f0, open(tmp_path / 'couple.1.log') as f1:
     assert 'done: 40 pairs (40 generated now' in f0.read() and 'done:' not in f1.read()
   assert not glob.glob(os.path.join(two, 'chunks', '*tmp*'))
+
+
+SAMPLE_ARGS = ('--steps', '4', '--num_samples', '16', '--batch_size', '8', '--seed', '3',
+               '--prefix', 'In the beginning')
+SAMPLE_FILES = ['metrics.json', 'metrics.md', 'metrics.png', 'samples_steps4.jsonl']
+
+
+@pytest.mark.slow  # ~50 s: two 2-step checkpoints, a 2-process job and the same sampling here
+def test_two_processes_sample_like_one(tmp_path, data_dir):
+  """`sample.py --eval --evaluator` on 2 processes x 4 devices (an IMDM: host-drawn eps, resets)
+  writes the samples it writes here on 1 x 8, bit for bit, with the same Gen PPL and validation
+  NELBO; process 0 prints and writes every file, process 1 neither."""
+  short = [f'data.data_dir={data_dir}', *OVERRIDES, 'train.num_steps=2']
+  trainer.train(config_lib.resolve('micro', [*short, 'model.noise_dim=8']), str(tmp_path / 'imdm'))
+  trainer.train(config_lib.resolve('micro', [*short, 'model.arch=gpt2']), str(tmp_path / 'ar'))
+  args = ['--checkpoint', str(tmp_path / 'imdm'), '--eval', '--evaluator', str(tmp_path / 'ar'),
+          *SAMPLE_ARGS]
+  job = _launch('sample', tmp_path, 2, 4, ['sample', *args, '--out', str(tmp_path / 'two')])
+  dumps = job.wait()
+  assert [d['topology'].tolist() for d in dumps] == [[2, 8, 4]] * 2
+  assert sorted(dumps[0]['written'].tolist()) == SAMPLE_FILES and not dumps[1]['written'].size
+  assert sorted(os.listdir(tmp_path / 'two')) == SAMPLE_FILES  # no temporary file left behind
+  sample.main([*args, '--out', str(tmp_path / 'one')])
+
+  def read(out: str):
+    with open(tmp_path / out / 'samples_steps4.jsonl') as f:
+      samples = [json.loads(line) for line in f]
+    with open(tmp_path / out / 'metrics.json') as f:
+      return samples, json.load(f)
+
+  (expected, one), (got, two) = read('one'), read('two')
+  assert got == expected
+  ids = np.array([s['token_ids'] for s in got])
+  assert ids.shape == (16, 32) and len({row.tobytes() for row in ids}) == 16
+  assert all(s['text'].startswith('In the beginning') for s in got)
+  for a, b in zip(one['results'], two['results']):
+    assert a['entropy'] == b['entropy'] and a['scored_tokens'] == b['scored_tokens'] > 0
+    assert a['network_calls_per_batch'] == b['network_calls_per_batch']
+    np.testing.assert_allclose(b['gen_ppl'], a['gen_ppl'], rtol=1e-5)  # sums in another order
+  assert one['val_nelbo_ppl'] is not None
+  np.testing.assert_allclose(two['val_nelbo_ppl'], one['val_nelbo_ppl'], rtol=1e-5)
+  with open(tmp_path / 'sample.0.log') as f0, open(tmp_path / 'sample.1.log') as f1:
+    first, second = f0.read(), f1.read()
+  assert '4 steps: ' in first and 'validation NELBO perplexity' in first
+  assert '4 steps' not in second and 'NELBO' not in second
+
+
+@pytest.mark.parametrize('process,fails', [(0, False), (1, False), (0, True)])
+def test_process_0_loads_the_tokenizer_before_the_others(micro_cfg, monkeypatch, process, fails):
+  """A tokenizer missing from a shared data_dir is trained by process 0 alone: the others wait
+  for it at a barrier, which process 0 reaches even when it fails."""
+  events, load = [], tokenizers.load_tokenizer
+
+  def recording_load(*args, **kwargs):
+    events.append('load')
+    if fails:
+      raise UserError('no corpus')
+    return load(*args, **kwargs)
+
+  monkeypatch.setattr(tokenizers, 'load_tokenizer', recording_load)
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', lambda name: events.append(name))
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: process)
+  if fails:
+    with pytest.raises(UserError, match='no corpus'):
+      store.load_tokenizer(micro_cfg)
+  else:
+    assert store.load_tokenizer(micro_cfg).vocab_size == micro_cfg.model.vocab_size
+  barrier = 'imdm_jax.data.tokenizer'
+  assert events == (['load', barrier] if process == 0 else [barrier, 'load'])
 
 
 def test_checkpoint_with_per_process_data_position_is_refused(micro_cfg, tmp_path):

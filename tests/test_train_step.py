@@ -116,7 +116,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch(micro_cfg, dtype):
 
 
 @pytest.mark.parametrize('arch,mesh_shape', [('dit', (2, 4)), ('gpt2', (1, 1))])
-def test_grad_accumulation_equals_one_step_on_the_whole_batch(micro_cfg, arch, mesh_shape):
+def test_grad_accumulation_equals_one_step_on_the_whole_batch(micro_cfg, arch, mesh_shape,
+                                                              monkeypatch):
   """k = 4 micro-batches (unequal token counts) give the k = 1 step's loss and update: t, masks
   and eps are drawn for the whole batch first (antithetic t spans it), and the summed gradient
   is divided by the whole batch's token count. Without dropout, whose masks differ per k."""
@@ -125,8 +126,12 @@ def test_grad_accumulation_equals_one_step_on_the_whole_batch(micro_cfg, arch, m
       (['model.noise_dim=8'] if arch == 'dit' else []))
   devices = jax.devices()[:mesh_shape[0] * mesh_shape[1]]
   mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices=devices)
+  micro_sizes, original = [], train_step.micro_batches
+  monkeypatch.setattr(train_step, 'micro_batches', lambda rows, k: (
+      micro_sizes.append(k), original(rows, k))[1])  # so that an ignored grad_accum cannot pass
   state_1, losses_1 = _run(cfg, mesh, 2)
   state_4, losses_4 = _run(config_lib.apply_overrides(cfg, ['train.grad_accum=4']), mesh, 2)
+  assert micro_sizes == [4]  # traced once, for k = 4 only
   np.testing.assert_allclose(losses_4, losses_1, rtol=1e-5)
   chex.assert_trees_all_close(state_4.params, state_1.params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(state_4.opt_state, state_1.opt_state, rtol=1e-5, atol=1e-6)

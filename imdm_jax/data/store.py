@@ -16,8 +16,8 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.experimental import multihost_utils
 
+from imdm_jax import runtime
 from imdm_jax.config import Config
 from imdm_jax.data import packing, sources, tokenizers
 from imdm_jax.errors import UserError
@@ -70,7 +70,19 @@ class Dataset:
 def load_tokenizer(cfg: Config, docs: dict[str, Sequence[str]] | None = None
                    ) -> tokenizers.Tokenizer:
   """The run's tokenizer. A sentencepiece model missing from the cache is trained on the
-  training documents (read only then)."""
+  training documents (read only then). Every process of a job calls it: process 0 loads first
+  (training into the shared `data.data_dir` if need be), the others once it has, so they read
+  its model rather than all training the same one at once."""
+  if jax.process_index() == 0:
+    try:
+      return _load_tokenizer(cfg, docs)
+    finally:  # even on failure, so the others fail alike rather than wait for a timeout
+      runtime.barrier('imdm_jax.data.tokenizer')
+  runtime.barrier('imdm_jax.data.tokenizer')
+  return _load_tokenizer(cfg, docs)
+
+
+def _load_tokenizer(cfg: Config, docs: dict[str, Sequence[str]] | None) -> tokenizers.Tokenizer:
   data = cfg.data
 
   def training_texts():
@@ -105,7 +117,7 @@ def prepare(cfg: Config) -> Dataset:
     print(f'building {data.seq_len}-token rows of {data.source} in {builder.data_dir}', flush=True)
     tfds.disable_progress_bar()
     builder.download_and_prepare()
-  multihost_utils.sync_global_devices('imdm_jax.data.prepare')
+  runtime.barrier('imdm_jax.data.prepare')
   rows = tfds.builder_from_directory(builder.data_dir).as_data_source()
   for name in ('train', 'validation'):
     if len(rows[name]) == 0:
