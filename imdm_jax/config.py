@@ -353,6 +353,10 @@ def resolve(preset_name: str, overrides: list[str] = ()) -> Config:
 
 def validate(cfg: Config) -> None:
   m = cfg.model
+  for key in ('data_dir', 'tokenizer_path'):
+    if '://' in getattr(cfg.data, key):  # see runtime.refuse_remote_paths
+      raise UserError(f'data.{key}={getattr(cfg.data, key)!r}: remote URLs are not supported; use '
+                      'a local path or a mounted bucket (e.g. gcsfuse)')
   if m.hidden_size % m.n_heads or (m.hidden_size // m.n_heads) % 2:
     raise UserError(f'model.hidden_size={m.hidden_size} must split into model.n_heads={m.n_heads} '
                     'heads of even size (rotary embeddings)')

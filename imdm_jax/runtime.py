@@ -45,8 +45,24 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
   cluster.add_argument('--process_id', type=int, metavar='I', help='this process, 0 .. N-1')
 
 
+PATH_FLAGS = ('workdir', 'init_from', 'teacher', 'couplings', 'init', 'out', 'checkpoint',
+              'evaluator')
+
+
+def refuse_remote_paths(args: argparse.Namespace) -> None:
+  """Paths are local (or mounted: gcsfuse, NFS). A `gs://...` path would otherwise become a
+  local folder named `gs:` without a word, and a run would write where nobody looks."""
+  for name in PATH_FLAGS:
+    value = getattr(args, name, None)
+    if value and '://' in value:
+      raise UserError(f'--{name} {value}: remote URLs are not supported; use a local path or a '
+                      'mounted bucket (e.g. gcsfuse)')
+
+
 def setup_from_args(args: argparse.Namespace) -> None:
-  """`setup` from the flags of `add_cluster_flags` and the launcher's environment."""
+  """`setup` from the flags of `add_cluster_flags` and the launcher's environment, after
+  `refuse_remote_paths` (so that bad flags fail before joining a job)."""
+  refuse_remote_paths(args)
   setup(args.multihost or launched_as_multiprocess(os.environ), args.coordinator,
         args.num_processes, args.process_id)
 

@@ -68,6 +68,7 @@ def test_sample_cli_writes_samples_and_metrics(runs, tmp_path):
     (['--num_samples', '3'], 'cannot be split'),
     (['--prefix', 'word ' * 40], 'the model length is 32'),
     (['--eval', '--evaluator', 'MDLM'], 'a causal LM checkpoint'),
+    (['--eval', '--evaluator', 'gs://bucket/ar'], 'remote URLs are not supported'),
 ])
 def test_sample_cli_bad_input(runs, tmp_path, args, message):
   out = tmp_path / 'out'

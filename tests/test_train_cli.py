@@ -41,6 +41,8 @@ def test_train_then_resume(tmp_path, data_dir):
     (['--set', 'optim.nope=1'], "unknown key 'nope'"),
     (['--set', 'train.batch_size=3'], 'train.batch_size=3 is not divisible by the 2 devices'),
     (['--set', 'data.source=text:/nonexistent/*.txt'], 'no files match'),
+    (['--workdir', 'gs://bucket/run'], '--workdir gs://bucket/run: remote URLs are not supported'),
+    (['--set', 'data.data_dir=gs://bucket/data'], "data.data_dir='gs://bucket/data': remote URLs"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, data_dir, args, message):
   result = _train('--workdir', str(tmp_path / 'w'), *args, data_dir=data_dir)
