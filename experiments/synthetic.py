@@ -26,11 +26,14 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--preset', default='default', help=', '.join(settings.PRESETS))
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   parser.add_argument('--out', default='runs/synthetic')
+  parser.add_argument('--only', default='', metavar='ARM[,ARM]',
+                      help='run only these arms (e.g. imdm/redi,imdm/redi-balanced)')
   args = parser.parse_args(argv)
   setting = settings.resolve(args.preset, args.set)
   runtime.setup()
   command = 'python experiments/synthetic.py ' + shlex.join(argv)
-  experiment.run(setting, args.out, command.strip())
+  only = tuple(a for a in args.only.split(',') if a)
+  experiment.run(setting, args.out, command.strip(), only)
 
 
 if __name__ == '__main__':

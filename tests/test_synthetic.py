@@ -82,9 +82,10 @@ def test_settings_overrides_and_refusals():
     settings.resolve('huge', [])
 
 
-def test_bad_setting_exits_with_status_2(tmp_path):
-  proc = subprocess.run([sys.executable, 'experiments/synthetic.py', '--set', 'vocab=x',
-                         '--out', str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+@pytest.mark.parametrize('args', [['--set', 'vocab=x'], ['--only', 'mdm/nelbo,imdm/magic']])
+def test_bad_setting_exits_with_status_2(tmp_path, args):
+  proc = subprocess.run([sys.executable, 'experiments/synthetic.py', *args, '--out', str(tmp_path)],
+                        cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
   assert not os.listdir(tmp_path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
 from typing import Callable
 
 import jax
@@ -50,10 +51,9 @@ class Runner:
     self.s, self.mesh, self.log = s, mesh, log
     self.mask_id = s.vocab
     self.data = task.sequences(np.random.default_rng(s.seed), s.num_data, s.vocab, s.length)
-    self.rng = np.random.default_rng(s.seed + 1)
 
-  def _batch(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    idx = self.rng.integers(0, len(next(iter(rows.values()))), self.s.batch)
+  def _batch(self, rows: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, jax.Array]:
+    idx = rng.integers(0, len(next(iter(rows.values()))), self.s.batch)
     batch = {k: v[idx] for k, v in rows.items()}
     batch['attention_mask'] = np.ones_like(batch['z_T' if 'z_T' in batch else 'tokens'])
     return sharding.to_global(batch, self.mesh)
@@ -69,11 +69,14 @@ class Runner:
   def _run(self, cfg, state, step_fn, steps, rows, what, before_step=None):
     graphdef = train_state.model_graphdef(cfg, self.mask_id)
     step = train_step.compile_train_step(cfg, graphdef, self.mesh, state, step_fn)
+    # batches drawn from a stream named by the stage, so an arm's numbers do not depend on which
+    # arms ran before it (`--only`)
+    rng = np.random.default_rng([self.s.seed, zlib.crc32(what.encode())])
     start, loss = time.time(), float('nan')
     for k in range(steps):
       if before_step is not None:
         state = before_step(state, k)
-      state, out = step(state, self._batch(rows))
+      state, out = step(state, self._batch(rows, rng))
       loss = float(out['loss']) if k == steps - 1 else loss
     self.log(f'  {what}: {steps} steps, final loss {loss:.4f}, {time.time() - start:.0f} s')
     return state

@@ -7,13 +7,13 @@ then rendered as `results.md` and `results.png` by `report.py`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 from imdm_jax import sharding
 from imdm_jax.checkpoint import write_json_atomic
 from imdm_jax.config import MeshConfig
+from imdm_jax.errors import UserError
 from imdm_jax.synthetic import report, task
 from imdm_jax.synthetic.arms import Runner, config
 from imdm_jax.synthetic.settings import Setting
@@ -21,7 +21,19 @@ from imdm_jax.synthetic.settings import Setting
 EVAL_SEED = 1234  # the same fresh samples' randomness for every arm
 
 
-def run(s: Setting, out: str, command: str, log=print) -> dict:
+FAMILIES = ('mdm', 'imdm')
+METHODS = ('nelbo', 'sdtt', 'redi', 'sdtt+redi')
+BALANCED = 'imdm/redi-balanced'  # the extension arm (`Setting.balanced_temperature`)
+ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED,)
+
+
+def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=print) -> dict:
+  """Every arm, or those named in `only` (the MDM base is always trained and scored)."""
+  unknown = sorted(set(only) - set(ARMS))
+  if unknown:
+    raise UserError(f'--only {",".join(unknown)}: expected arms among {", ".join(ARMS)}')
+  wanted = lambda name: (not only or name in only) and (name != BALANCED or
+                                                       s.balanced_temperature > 0)
   os.makedirs(out, exist_ok=True)
   start = time.time()
   runner = Runner(s, sharding.make_mesh(MeshConfig()), log)
@@ -48,21 +60,27 @@ def run(s: Setting, out: str, command: str, log=print) -> dict:
   log(f'MDM base: {s.base_steps} NELBO steps')
   base = runner.nelbo(mdm, None, s.base_steps)
   record('mdm/base', mdm, base, t0)
-  for family, cfg in (('mdm', mdm), ('imdm', imdm)):
+  for family, cfg in zip(FAMILIES, (mdm, imdm)):
+    name = lambda method: f'{family}/{method}'
+    if wanted(name('nelbo')):
+      t0 = time.time()
+      record(name('nelbo'), cfg, runner.nelbo(cfg, base, s.budget), t0)
+    if wanted(name('sdtt')) or wanted(name('sdtt+redi')):
+      t0 = time.time()
+      distilled = runner.sdtt(cfg, base)
+      if wanted(name('sdtt')):
+        record(name('sdtt'), cfg, distilled, t0)
+      if wanted(name('sdtt+redi')):
+        t0 = time.time()
+        params = runner.redi(cfg, cfg, distilled, per_round(name('sdtt+redi'), cfg))
+        record(name('sdtt+redi'), cfg, params, t0)
+    if wanted(name('redi')):
+      t0 = time.time()
+      record(name('redi'), cfg, runner.redi(cfg, mdm, base, per_round(name('redi'), cfg)), t0)
+  if wanted(BALANCED):
     t0 = time.time()
-    record(f'{family}/nelbo', cfg, runner.nelbo(cfg, base, s.budget), t0)
-    t0 = time.time()
-    distilled = runner.sdtt(cfg, base)
-    record(f'{family}/sdtt', cfg, distilled, t0)
-    t0 = time.time()
-    record(f'{family}/redi', cfg, runner.redi(cfg, mdm, base, per_round(f'{family}/redi', cfg)), t0)
-    t0 = time.time()
-    params = runner.redi(cfg, cfg, distilled, per_round(f'{family}/sdtt+redi', cfg))
-    record(f'{family}/sdtt+redi', cfg, params, t0)
-  if s.balanced_temperature:
-    t0, name = time.time(), f'imdm/redi-balanced-T{s.balanced_temperature:g}'
-    params = runner.redi(imdm, mdm, base, per_round(name, imdm), s.balanced_temperature)
-    record(name, imdm, params, t0)
+    params = runner.redi(imdm, mdm, base, per_round(BALANCED, imdm), s.balanced_temperature)
+    record(BALANCED, imdm, params, t0)
   results['total_seconds'] = round(time.time() - start)
   write_json_atomic(os.path.join(out, 'results.json'), results)
   with open(os.path.join(out, 'results.md'), 'w') as f:
@@ -71,7 +89,3 @@ def run(s: Setting, out: str, command: str, log=print) -> dict:
   log(f'done in {results["total_seconds"]} s: {out}/results.json, results.md, results.png')
   return results
 
-
-def load(out: str) -> dict:
-  with open(os.path.join(out, 'results.json')) as f:
-    return json.load(f)

@@ -32,6 +32,10 @@ def markdown(results: dict) -> str:
     cells = [f'{scores[k]["constant"]:.3f} ± {scores[k]["constant_se"]:.3f} / {scores[k]["distinct"]}'
              for k in steps]
     lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {scores[steps[0]]["pairwise_mi"]:.2f} |')
+  if 'imdm/redi-balanced' in results['arms']:
+    lines += ['', f'`imdm/redi-balanced` is an extension beyond the spec: from round 2 its teacher '
+              f'samples at temperature {s["balanced_temperature"]:g} with per-value offsets that '
+              'keep its values uniform (`arms.Runner.balanced`).']
   lines += ['', f'Command: `{results["command"]}`; total time {results.get("total_seconds", "?")} s.']
   return '\n'.join(lines) + '\n'
 
