@@ -88,6 +88,7 @@ class Runner:
 
   def sdtt(self, cfg: Config, params: Params) -> Params:
     """`num_rounds` rounds of `round_steps`: the teacher halves its step count each round."""
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=self.s.sdtt_lr))
     student = self._state(cfg, params)
     state = sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
                            round=jnp.zeros((), jnp.int32))
