@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imdm_jax import errors, runtime  # pylint: disable=wrong-import-position
-from imdm_jax.synthetic import experiment, settings  # pylint: disable=wrong-import-position
+from imdm_jax.synthetic import experiment, report, settings  # pylint: disable=wrong-import-position
 
 
 @errors.exits_cleanly
@@ -26,9 +26,14 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--preset', default='default', help=', '.join(settings.PRESETS))
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   parser.add_argument('--out', default='runs/synthetic')
+  parser.add_argument('--render', action='store_true',
+                      help='only re-render results.md and results.png from --out/results.json')
   parser.add_argument('--only', default='', metavar='ARM[,ARM]',
                       help='run only these arms (e.g. imdm/redi,imdm/redi-balanced)')
   args = parser.parse_args(argv)
+  if args.render:
+    report.render(args.out)
+    return
   setting = settings.resolve(args.preset, args.set)
   runtime.setup()
   command = 'python experiments/synthetic.py ' + shlex.join(argv)

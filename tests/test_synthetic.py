@@ -107,3 +107,22 @@ def test_quick_experiment_end_to_end(tmp_path):
       assert got < ceiling + 4 * np.sqrt(ceiling * (1 - ceiling) / n) + 2 / n, (arm, steps)
   assert results['arms']['mdm/base']['64']['constant'] > results['ceiling']['64'] - 0.05
   assert 'imdm/redi' in results['arms'] and 'exact MDM ceiling' in (tmp_path / 'results.md').read_text()
+
+
+def test_render_from_results_json(tmp_path):
+  """The table's columns follow the step counts numerically, whatever order JSON keeps."""
+  rng = np.random.default_rng(0)
+  steps = (1, 2, 8, 64)
+  scores = {str(k): task.score(rng.integers(0, V_S, (256, L)), V_S) for k in steps}
+  results = {'command': 'python experiments/synthetic.py', 'total_seconds': 1,
+             'setting': {'vocab': V_S, 'length': L, 'eval_samples': 256, 'balanced_temperature': 0},
+             'ceiling': {str(k): task.mdm_ceiling(k, V_S, L) for k in steps},
+             'arms': {'mdm/redi': scores}, 'rounds': {'mdm/redi': {'1': scores, '2': scores}}}
+  (tmp_path / 'results.json').write_text(json.dumps(results, sort_keys=True))
+  proc = subprocess.run([sys.executable, 'experiments/synthetic.py', '--render', '--out',
+                         str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  table = (tmp_path / 'results.md').read_text()
+  assert '| 1 step | 2 steps | 8 steps | 64 steps |' in table
+  assert 'mdm/redi after round 1' in table and 'mdm/redi after round 2' in table
+  assert (tmp_path / 'results.png').stat().st_size > 0

@@ -83,9 +83,7 @@ def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=prin
     record(BALANCED, imdm, params, t0)
   results['total_seconds'] = round(time.time() - start)
   write_json_atomic(os.path.join(out, 'results.json'), results)
-  with open(os.path.join(out, 'results.md'), 'w') as f:
-    f.write(report.markdown(results))
-  report.plot(results, os.path.join(out, 'results.png'))
+  report.render(out)
   log(f'done in {results["total_seconds"]} s: {out}/results.json, results.md, results.png')
   return results
 

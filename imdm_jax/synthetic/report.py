@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
+
+from imdm_jax.errors import UserError
+from imdm_jax.synthetic import task
+
 ROUNDS_SUFFIX = ' after round {}'
 
 
@@ -19,15 +27,20 @@ def _rows(results: dict) -> list[tuple[str, dict]]:
 
 def markdown(results: dict) -> str:
   s = results['setting']
-  steps = list(results['ceiling'])
+  steps = sorted(results['ceiling'], key=int)  # JSON sorts the keys as strings
   head = ('| arm | ' + ' | '.join(f'{k} step{"s" * (k != "1")}' for k in steps) +
           ' | pairwise MI, 1 step (nats) |')
   lines = [f'Fraction of constant sequences (± one standard error) / distinct values among them, '
            f'out of V_s = {s["vocab"]}; {s["eval_samples"]} samples per cell, fresh eps, '
-           f'temperature 1. The data has pairwise MI log V_s = {_log(s["vocab"]):.2f} nats.', '',
+           f'temperature 1. The data has pairwise MI log V_s = {np.log(s["vocab"]):.2f} nats.', '',
            head, '|---' * (len(steps) + 2) + '|',
            '| exact MDM ceiling | ' + ' | '.join(f'{results["ceiling"][k]:.3f}' for k in steps) +
            ' | |']
+  rng = np.random.default_rng(0)
+  bias = task.pairwise_mutual_information(
+      rng.integers(0, s['vocab'], (s['eval_samples'], s['length'])), s['vocab'])
+  lines.append('| independent uniform positions (the MI estimate\'s bias at this sample size) |' +
+               ' |' * len(steps) + f' {bias:.2f} |')
   for name, scores in _rows(results):
     cells = [f'{scores[k]["constant"]:.3f} ± {scores[k]["constant_se"]:.3f} / {scores[k]["distinct"]}'
              for k in steps]
@@ -40,18 +53,13 @@ def markdown(results: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _log(v: int) -> float:
-  import math  # pylint: disable=g-import-not-at-top
-  return math.log(v)
-
-
 def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  steps = [int(k) for k in results['ceiling']]
+  steps = sorted(int(k) for k in results['ceiling'])
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  ax.plot(steps, list(results['ceiling'].values()), 'k--', lw=2, label='exact MDM ceiling')
+  ax.plot(steps, [results['ceiling'][str(k)] for k in steps], 'k--', lw=2, label='exact MDM ceiling')
   for name, scores in _rows(results):
     style = '-' if name.startswith('imdm') else ':'
     ax.plot(steps, [scores[str(k)]['constant'] for k in steps], style, marker='o', label=name)
@@ -62,3 +70,15 @@ def plot(results: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def render(out: str) -> None:
+  """results.md and results.png of the results.json in `out`."""
+  path = os.path.join(out, 'results.json')
+  if not os.path.exists(path):
+    raise UserError(f'--out {out}: no results.json to render')
+  with open(path) as f:
+    results = json.load(f)
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write(markdown(results))
+  plot(results, os.path.join(out, 'results.png'))
