@@ -21,10 +21,7 @@ from imdm_jax.synthetic.settings import Setting
 EVAL_SEED = 1234  # the same fresh samples' randomness for every arm
 
 
-FAMILIES = ('mdm', 'imdm')
-METHODS = ('nelbo', 'sdtt', 'redi', 'sdtt+redi')
-BALANCED = 'imdm/redi-balanced'  # the extension arm (`Setting.balanced_temperature`)
-ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED,)
+from imdm_jax.synthetic.report import ARMS, BALANCED, FAMILIES
 
 
 def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=print) -> dict:

@@ -10,13 +10,19 @@ import numpy as np
 from imdm_jax.errors import UserError
 from imdm_jax.synthetic import task
 
+FAMILIES = ('mdm', 'imdm')
+METHODS = ('nelbo', 'sdtt', 'redi', 'sdtt+redi')
+BALANCED = 'imdm/redi-balanced'  # the extension arm (`Setting.balanced_temperature`)
+ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED,)
 ROUNDS_SUFFIX = ' after round {}'
 
 
 def _rows(results: dict) -> list[tuple[str, dict]]:
   """Every arm, with the multi-round ReDi arms also shown after their first round."""
   rows = []
-  for name, scores in results['arms'].items():
+  order = ('mdm/base',) + ARMS  # results.json keeps its keys sorted
+  for name, scores in sorted(results['arms'].items(),
+                             key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
     rounds = results['rounds'].get(name, {})
     if len(rounds) > 1:
       rows.append((name + ROUNDS_SUFFIX.format(1), rounds['1']))
@@ -45,7 +51,7 @@ def markdown(results: dict) -> str:
     cells = [f'{scores[k]["constant"]:.3f} ± {scores[k]["constant_se"]:.3f} / {scores[k]["distinct"]}'
              for k in steps]
     lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {scores[steps[0]]["pairwise_mi"]:.2f} |')
-  if 'imdm/redi-balanced' in results['arms']:
+  if BALANCED in results['arms']:
     lines += ['', f'`imdm/redi-balanced` is an extension beyond the spec: from round 2 its teacher '
               f'samples at temperature {s["balanced_temperature"]:g} with per-value offsets that '
               'keep its values uniform (`arms.Runner.balanced`).']
@@ -60,9 +66,11 @@ def plot(results: dict, path: str) -> None:
   steps = sorted(int(k) for k in results['ceiling'])
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.plot(steps, [results['ceiling'][str(k)] for k in steps], 'k--', lw=2, label='exact MDM ceiling')
-  for name, scores in _rows(results):
+  colors = plt.get_cmap('tab20').colors  # more arms than the default cycle's 10 colours
+  for i, (name, scores) in enumerate(_rows(results)):
     style = '-' if name.startswith('imdm') else ':'
-    ax.plot(steps, [scores[str(k)]['constant'] for k in steps], style, marker='o', label=name)
+    ax.plot(steps, [scores[str(k)]['constant'] for k in steps], style, marker='o', label=name,
+            color=colors[i % len(colors)])
   ax.set(xscale='log', xlabel='sampling steps', ylabel='fraction of constant sequences',
          ylim=(-0.02, 1.02), title=f'repeated-token task, V_s = {results["setting"]["vocab"]}')
   ax.set_xticks(steps, [str(k) for k in steps])
