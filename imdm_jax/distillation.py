@@ -30,10 +30,8 @@ def sdtt_program(cfg: Config) -> trainer.Program:
     round_ = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     return sdtt.SdttState(student=student, teacher=student.params, round=round_)
 
-  def before_step(state: sdtt.SdttState, step: int) -> sdtt.SdttState:
-    while int(state.round) < (step - 1) // cfg.distill.round_steps:
-      state = sdtt.next_round(state)
-    return state
+  def before_step(state: sdtt.SdttState, step: int) -> sdtt.SdttState:  # step: 1-based
+    return sdtt.advance_rounds(state, step - 1, cfg.distill.round_steps)
 
   return trainer.Program(data=store.prepare, init=init, abstract=abstract, step=sdtt.sdtt_step,
                          student=lambda state: state.student, before_step=before_step)

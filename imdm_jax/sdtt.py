@@ -165,6 +165,14 @@ def sdtt_step(state: SdttState, batch: Batch, *, graphdef: nnx.GraphDef,
   return state.replace(student=student), metrics
 
 
+def advance_rounds(state: SdttState, completed_steps: int, round_steps: int) -> SdttState:
+  """The state for the next step after `completed_steps` student updates: round r covers updates
+  [r, r + 1) x round_steps, so a resumed run lands in its round with the saved teacher."""
+  while int(state.round) < completed_steps // round_steps:
+    state = next_round(state)
+  return state
+
+
 def next_round(state: SdttState) -> SdttState:
   """A round boundary: the raw student becomes the teacher (a copy: the step donates its input)."""
   return state.replace(teacher=jax.tree.map(jnp.copy, state.student.params),

@@ -51,6 +51,7 @@ class Runner:
     self.s, self.mesh, self.log = s, mesh, log
     self.mask_id = s.vocab
     self.data = task.sequences(np.random.default_rng(s.seed), s.num_data, s.vocab, s.length)
+    self._samplers = {}
 
   def _batch(self, rows: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, jax.Array]:
     idx = rng.integers(0, len(next(iter(rows.values()))), self.s.batch)
@@ -93,9 +94,7 @@ class Runner:
     state = sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
                            round=jnp.zeros((), jnp.int32))
 
-    def before_step(state, k):
-      return sdtt.next_round(state) if k and k % cfg.distill.round_steps == 0 else state
-
+    before_step = lambda state, k: sdtt.advance_rounds(state, k, cfg.distill.round_steps)
     steps = cfg.distill.round_steps * cfg.distill.num_rounds
     return self._run(cfg, state, sdtt.sdtt_step, steps, {'tokens': self.data},
                      f'SDTT ({cfg.distill.num_rounds} rounds)', before_step).student.params
@@ -174,13 +173,15 @@ class Runner:
 
   def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:
     """`task.score` of `eval_samples` fresh samples at every step count of the setting."""
-    s, graphdef = self.s, train_state.model_graphdef(cfg, self.mask_id)
+    s = self.s
+    graphdef = train_state.model_graphdef(cfg, self.mask_id)
     z = np.full((s.eval_samples, s.length), self.mask_id, np.int32)
     eps = noise.draw_eps(jax.random.PRNGKey(seed), z.shape, cfg) if noise.is_imdm(cfg) else None
     out = {}
     for steps in s.eval_steps:
-      run = sampler.compile_sampler(cfg, graphdef, self.mesh, sampler.SamplerConfig(steps=steps),
-                                    self.mask_id)
-      x, _ = run(params, jax.random.PRNGKey(seed + steps), z, eps)
+      if (cfg, steps) not in self._samplers:  # compiled once per family, not once per round
+        self._samplers[cfg, steps] = sampler.compile_sampler(
+            cfg, graphdef, self.mesh, sampler.SamplerConfig(steps=steps), self.mask_id)
+      x, _ = self._samplers[cfg, steps](params, jax.random.PRNGKey(seed + steps), z, eps)
       out[steps] = task.score(np.asarray(x), s.vocab)
     return out
