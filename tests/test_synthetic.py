@@ -65,6 +65,29 @@ def test_score_of_perfect_and_independent_samples():
   assert task.score(masks_left, V_S)['constant'] == 0.0  # an all-mask row is not a sequence
 
 
+def test_oracle_partition_is_balanced_and_refuses_what_it_cannot_do():
+  """Every value of V_s = 64 gets 1/64 of uniform eps (the bits are fair, independent coins), the
+  map is the same in numpy and jax, and it depends on eps only through the position-means."""
+  # odd multiples of 1/128, symmetric about 0: an odd number (L) of them never sums to 0 and sums
+  # exactly in float32, so numpy, jax and any order of positions give the same signs
+  assert L % 2
+  eps = ((2 * np.random.default_rng(0).integers(-64, 64, (128_000, L, 8)) + 1) / 128).astype(
+      np.float32)
+  c = task.oracle_partition(eps, 64)
+  counts = np.bincount(c, minlength=64)
+  assert c.min() >= 0 and c.max() < 64
+  chi2 = ((counts - len(c) / 64) ** 2 / (len(c) / 64)).sum()
+  assert chi2 < 120, chi2  # 63 degrees of freedom: P(chi2 > 120) < 1e-4
+  np.testing.assert_array_equal(np.asarray(task.oracle_partition(jnp.asarray(eps), 64)), c)
+  np.testing.assert_array_equal(task.oracle_partition(eps[:, ::-1], 64), c)  # order-free
+  flipped = eps.copy()
+  flipped[..., 0] *= -1  # bit 0 flips, the others stay
+  np.testing.assert_array_equal(task.oracle_partition(flipped, 64), c ^ 1)
+  for vocab, dim in ((1000, 16), (64, 5), (1, 8)):
+    with pytest.raises(ValueError, match='power of 2'):
+      task.oracle_bits(vocab, dim)
+
+
 def test_expected_distinct_matches_simulation():
   rng = np.random.default_rng(1)
   sims = [len(np.unique(rng.integers(0, 64, 50))) for _ in range(4000)]
@@ -106,7 +129,8 @@ def test_quick_experiment_end_to_end(tmp_path):
       # no MDM beats the ceiling (up to sampling error); the trained ones also reach it at 64 steps
       assert got < ceiling + 4 * np.sqrt(ceiling * (1 - ceiling) / n) + 2 / n, (arm, steps)
   assert results['arms']['mdm/base']['64']['constant'] > results['ceiling']['64'] - 0.05
-  assert 'imdm/redi' in results['arms'] and 'exact MDM ceiling' in (tmp_path / 'results.md').read_text()
+  assert 'imdm/redi' in results['arms'] and 'imdm/oracle' in results['arms']
+  assert 'exact MDM ceiling' in (tmp_path / 'results.md').read_text()
 
 
 def test_render_from_results_json(tmp_path):

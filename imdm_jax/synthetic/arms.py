@@ -53,9 +53,14 @@ class Runner:
     self.data = task.sequences(np.random.default_rng(s.seed), s.num_data, s.vocab, s.length)
     self._samplers = {}
 
-  def _batch(self, rows: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, jax.Array]:
-    idx = rng.integers(0, len(next(iter(rows.values()))), self.s.batch)
-    batch = {k: v[idx] for k, v in rows.items()}
+  def _batch(self, rows: dict[str, np.ndarray] | Callable[[np.random.Generator], dict],
+             rng: np.random.Generator) -> dict[str, jax.Array]:
+    """A batch of `rows` drawn with replacement, or `rows(rng)` when it makes its own."""
+    if callable(rows):
+      batch = rows(rng)
+    else:
+      idx = rng.integers(0, len(next(iter(rows.values()))), self.s.batch)
+      batch = {k: v[idx] for k, v in rows.items()}
     batch['attention_mask'] = np.ones_like(batch['z_T' if 'z_T' in batch else 'tokens'])
     return sharding.to_global(batch, self.mesh)
 
@@ -170,6 +175,32 @@ class Runner:
         temperature = balanced_temperature
         teacher = self.balanced(student_cfg, params, temperature)
     return params
+
+  def oracle(self, cfg: Config, params: Params) -> Params:
+    """`budget` ReDi steps on perfect couplings: fresh eps every step, each pair's target the
+    constant sequence of `task.oracle_partition(eps)`.
+
+    Not a method (no teacher knows this map): a reference for what couplings can teach this
+    student in this budget. When it is no better than the ReDi arms, the student's learning of a
+    sharp eps -> c map is what limits them, not the quality of their couplings.
+    """
+    s = self.s
+
+    @jax.jit
+    def pairs(seeds, key):
+      eps = noise.seeded_eps(seeds, s.length, cfg)  # [B, L, D]
+      x = jnp.broadcast_to(task.oracle_partition(eps, s.vocab)[:, None], eps.shape[:2])
+      z, t = redi.coupling_inputs(key, x.astype(jnp.int32), self.mask_id,
+                                  cfg.distill.full_mask_fraction)
+      return {'z_T': z, 'x_hat': x.astype(jnp.int32), 't': t}
+
+    def draw(rng):
+      seeds = rng.integers(0, np.iinfo(np.int32).max, s.batch).astype(np.int32)
+      key = jax.random.PRNGKey(int(rng.integers(np.iinfo(np.int32).max)))
+      return dict(jax.device_get(pairs(seeds, key)), seed=seeds)
+
+    return self._run(cfg, self._state(cfg, params), redi.redi_step, s.budget, draw,
+                     'ReDi on oracle couplings').params
 
   def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:
     """`task.score` of `eval_samples` fresh samples at every step count of the setting."""

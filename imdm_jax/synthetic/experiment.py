@@ -1,4 +1,5 @@
-"""The whole synthetic experiment: one MDM base, eight arms (plus an optional extension), every arm scored at every step count.
+"""The whole synthetic experiment: one MDM base, eight arms, an extension and a reference, every
+arm scored at every step count.
 
 Results are written to `results.json` after every arm (an interrupted run keeps what it finished),
 then rendered as `results.md` and `results.png` by `report.py`.
@@ -16,12 +17,10 @@ from imdm_jax.config import MeshConfig
 from imdm_jax.errors import UserError
 from imdm_jax.synthetic import report, task
 from imdm_jax.synthetic.arms import Runner, config
+from imdm_jax.synthetic.report import ARMS, BALANCED, FAMILIES, ORACLE
 from imdm_jax.synthetic.settings import Setting
 
 EVAL_SEED = 1234  # the same fresh samples' randomness for every arm
-
-
-from imdm_jax.synthetic.report import ARMS, BALANCED, FAMILIES
 
 
 def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=print) -> dict:
@@ -29,8 +28,19 @@ def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=prin
   unknown = sorted(set(only) - set(ARMS))
   if unknown:
     raise UserError(f'--only {",".join(unknown)}: expected arms among {", ".join(ARMS)}')
-  wanted = lambda name: (not only or name in only) and (name != BALANCED or
-                                                       s.balanced_temperature > 0)
+  try:
+    task.oracle_bits(s.vocab, s.noise_dim)
+    oracle_reason = ''
+  except ValueError as e:
+    oracle_reason = str(e)
+  if ORACLE in only and oracle_reason:
+    raise UserError(f'--only {ORACLE}: {oracle_reason}')
+
+  def wanted(name):
+    if name == BALANCED and not s.balanced_temperature or name == ORACLE and oracle_reason:
+      return False
+    return not only or name in only
+
   os.makedirs(out, exist_ok=True)
   start = time.time()
   runner = Runner(s, sharding.make_mesh(MeshConfig()), log)
@@ -78,6 +88,11 @@ def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=prin
     t0 = time.time()
     params = runner.redi(imdm, mdm, base, per_round(BALANCED, imdm), s.balanced_temperature)
     record(BALANCED, imdm, params, t0)
+  if wanted(ORACLE):
+    t0 = time.time()
+    record(ORACLE, imdm, runner.oracle(imdm, base), t0)
+  elif oracle_reason and not only:
+    log(f'{ORACLE} left out: {oracle_reason}')
   results['total_seconds'] = round(time.time() - start)
   write_json_atomic(os.path.join(out, 'results.json'), results)
   report.render(out)

@@ -13,7 +13,8 @@ from imdm_jax.synthetic import task
 FAMILIES = ('mdm', 'imdm')
 METHODS = ('nelbo', 'sdtt', 'redi', 'sdtt+redi')
 BALANCED = 'imdm/redi-balanced'  # the extension arm (`Setting.balanced_temperature`)
-ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED,)
+ORACLE = 'imdm/oracle'  # a reference, not a method: ReDi on perfect couplings (`Runner.oracle`)
+ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED, ORACLE)
 ROUNDS_SUFFIX = ' after round {}'
 
 
@@ -55,6 +56,10 @@ def markdown(results: dict) -> str:
     lines += ['', f'`imdm/redi-balanced` is an extension beyond the spec: from round 2 its teacher '
               f'samples at temperature {s["balanced_temperature"]:g} with per-value offsets that '
               'keep its values uniform (`arms.Runner.balanced`).']
+  if ORACLE in results['arms']:
+    lines += ['', '`imdm/oracle` is a reference, not a method: the IMDM student trained by the ReDi '
+              'loss for the same budget on perfect couplings, fresh every step (targets: the sign '
+              'bits of the position-mean of eps; `task.oracle_partition`).']
   lines += ['', f'Command: `{results["command"]}`; total time {results.get("total_seconds", "?")} s.']
   return '\n'.join(lines) + '\n'
 

@@ -43,6 +43,29 @@ def mdm_ceiling(steps: int, vocab: int, length: int, eps: float = 1e-3) -> float
   return float(total)
 
 
+def oracle_bits(vocab: int, noise_dim: int) -> int:
+  """log2 V_s, the number of eps coordinates `oracle_partition` reads; refuses what it cannot do."""
+  bits = vocab.bit_length() - 1
+  if vocab != 1 << bits or not 0 < bits <= noise_dim:
+    raise ValueError(f'the oracle partition needs V_s a power of 2 and D >= log2 V_s; got '
+                     f'V_s={vocab}, D={noise_dim}')
+  return bits
+
+
+def oracle_partition(eps, vocab: int):
+  """c [N] of eps [N, L, D]: the sign bits of the position-mean of eps's first log2 V_s
+  coordinates (numpy or jax arrays).
+
+  A known eps -> c map that an IMDM can represent with every position agreeing (one uniform
+  attention average, then thresholds), and exactly balanced: eps is symmetric about 0, so every
+  bit is a fair coin and the bits are independent. Couplings from it are the best any teacher
+  could give, which makes it a reference for how much sharpness the student can learn.
+  """
+  bits = oracle_bits(vocab, eps.shape[-1])
+  mean = eps[..., :bits].mean(axis=1)  # [N, bits]
+  return ((mean > 0) * (1 << np.arange(bits))).sum(-1)
+
+
 def expected_distinct(n: int, vocab: int) -> float:
   """E[number of distinct values] among `n` uniform draws from `vocab` values."""
   return vocab * -math.expm1(n * math.log1p(-1.0 / vocab))
