@@ -95,10 +95,11 @@ def test_expected_distinct_matches_simulation():
 
 
 def test_settings_overrides_and_refusals():
-  s = settings.resolve('quick', ['vocab=1000', 'eval_steps=1,2', 'lr=0.01'])
-  assert (s.vocab, s.eval_steps, s.lr) == (1000, (1, 2), 0.01)
+  s = settings.resolve('quick',
+                       ['vocab=1000', 'eval_steps=1,2', 'lr=0.01', 'redi_ignore_seed=true'])
+  assert (s.vocab, s.eval_steps, s.lr, s.redi_ignore_seed) == (1000, (1, 2), 0.01, True)
   assert settings.resolve('paper', []).noise_dim == 128
-  for bad in (['nope=1'], ['vocab'], ['vocab=x'], ['vocab=1']):
+  for bad in (['nope=1'], ['vocab'], ['vocab=x'], ['vocab=1'], ['redi_ignore_seed=maybe']):
     with pytest.raises(UserError):
       settings.resolve('quick', bad)
   with pytest.raises(UserError, match='preset'):

@@ -40,7 +40,8 @@ def config(s: Setting, imdm: bool) -> Config:
                                      num_rounds=s.sdtt_rounds,
                                      teacher_base_steps=2 ** s.sdtt_rounds,
                                      teacher_steps=s.teacher_steps,
-                                     full_mask_fraction=s.full_mask_fraction))
+                                     full_mask_fraction=s.full_mask_fraction,
+                                     ignore_seed=s.redi_ignore_seed))
   return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=s.length))
 
 

@@ -39,6 +39,8 @@ class Setting:
   # with its values balanced (`arms.Runner.balanced`); 0 leaves the arm out
   balanced_temperature: float = 0.25
   full_mask_fraction: float = 0.5  # pairs with t = 1; the rest t ~ U(0, 1)
+  # the spec's ablation: rectify on fresh eps, not the pair's seeded eps (`distill.ignore_seed`)
+  redi_ignore_seed: bool = False
   eval_samples: int = 4096
   eval_steps: tuple[int, ...] = (1, 2, 4, 8, 64)
   seed: int = 0
@@ -81,6 +83,10 @@ def paper() -> Setting:
 def _parse(field: dataclasses.Field, text: str):
   if field.type in ('tuple[int, ...]',):
     return tuple(int(v) for v in text.split(','))
+  if field.type == 'bool':
+    if text not in ('true', 'false', '1', '0'):
+      raise ValueError(text)
+    return text in ('true', '1')
   return {'int': int, 'float': float}[field.type](text)
 
 
