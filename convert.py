@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 
-from imdm_jax import config as config_lib
+from imdm_jax import presets
 from imdm_jax import runtime
 from imdm_jax.errors import exits_cleanly
 
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            'bert-base-uncased (vocab.txt) files; checked against V and saved as '
                            'data.tokenizer_path')
   parser.add_argument('--preset', default=None,
-                      help=f'base config, one of: {", ".join(sorted(config_lib.PRESETS))} '
+                      help=f'base config, one of: {", ".join(sorted(presets.PRESETS))} '
                            '(default: by vocabulary); an -imdm preset adds a fresh noise path to '
                            'MDLM weights')
   parser.add_argument('--set', dest='overrides', action='append', default=[],

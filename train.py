@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from imdm_jax import config as config_lib
+from imdm_jax import config as config_lib, presets
 from imdm_jax import runtime
 from imdm_jax.errors import exits_cleanly
 
@@ -21,7 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--preset', default='tiny',
-                      help=f'one of: {", ".join(sorted(config_lib.PRESETS))} (default tiny)')
+                      help=f'one of: {", ".join(sorted(presets.PRESETS))} (default tiny)')
   parser.add_argument('--set', dest='overrides', action='append', default=[],
                       metavar='SECTION.KEY=VALUE', help='override a config value (repeatable)')
   parser.add_argument('--workdir', default='runs/default',
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.list_presets:
-    for name, fn in sorted(config_lib.PRESETS.items()):
+    for name, fn in sorted(presets.PRESETS.items()):
       print(f'{name}: {fn.__doc__.strip()}\n')
     return
   cfg = config_lib.resolve(args.preset, args.overrides)  # bad flags fail before joining a job

@@ -68,6 +68,15 @@ class Checkpointer:
       data_iter.set_state(restored.data_position)
     return restored.state
 
+  def restore_part(self, name: str, abstract, step: int | None = None):
+    """One field of the saved state (e.g. 'ema'), restored into `abstract` without reading the
+    others from disk."""
+    step = self.latest_step() if step is None else step
+    item = {name: abstract}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    return self._manager.restore(step, args=ocp.args.Composite(state=args)).state[name]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -180,13 +180,22 @@ def test_sharded_step_equals_single_device_with_noise_path(micro_cfg):
 
 def test_init_from_mdlm_run_and_refusals(micro_cfg, tmp_path):
   short = dict(num_steps=2, ckpt_every=2, eval_every=1000, eval_batches=1)
-  mdlm_cfg = dataclasses.replace(micro_cfg, train=dataclasses.replace(micro_cfg.train, **short))
+  mdlm_cfg = dataclasses.replace(micro_cfg, train=dataclasses.replace(micro_cfg.train, **short),
+                                 optim=dataclasses.replace(micro_cfg.optim, warmup_steps=1,
+                                                           ema_decay=0.9))  # EMA != raw weights
   trainer.train(mdlm_cfg, str(tmp_path / 'mdlm'))
   imdm_cfg = _imdm(mdlm_cfg, noise_dim=8)
   imdm_cfg = dataclasses.replace(imdm_cfg, train=dataclasses.replace(imdm_cfg.train, num_steps=1))
   mesh = sharding.make_mesh(imdm_cfg.mesh)
   mask_id = imdm_cfg.model.vocab_size - 1
-  ema, _ = init_from.load_ema(str(tmp_path / 'mdlm'), mask_id, mesh)
+  ema, saved = init_from.load_ema(str(tmp_path / 'mdlm'), mask_id, mesh)
+  ckpt = init_from._open(str(tmp_path / 'mdlm'))  # pylint: disable=protected-access
+  full = ckpt.restore(train_state.abstract_state(saved, mask_id, mesh))
+  ckpt.close()
+  chex.assert_trees_all_equal(ema, full.ema)  # the EMA alone, not the raw weights
+  # after 2 steps only the output layer has moved (adaLN-zero blocks start with zero gradients)
+  assert not np.array_equal(full.ema['output_layer']['linear']['kernel'],
+                            full.params['output_layer']['linear']['kernel'])
   fresh = train_state.init_state(imdm_cfg, mask_id, mesh)
   state = init_from.initialise(fresh, imdm_cfg, str(tmp_path / 'mdlm'), mask_id, mesh)
   np.testing.assert_array_equal(state.params['blocks'][1]['mlp_in']['kernel'],
