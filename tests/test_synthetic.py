@@ -88,6 +88,24 @@ def test_oracle_partition_is_balanced_and_refuses_what_it_cannot_do():
       task.oracle_bits(vocab, dim)
 
 
+def test_one_step_diagnosis_of_known_denoisers():
+  rng = np.random.default_rng(0)
+  c = rng.integers(0, V_S, 64)
+  sure = np.log(np.maximum(jax.nn.one_hot(np.repeat(c[:, None], L, 1), V_S), 1e-30))
+  assert task.one_step_diagnosis(sure) == pytest.approx(
+      {'expected_constant': 1.0, 'greedy_constant': 1.0, 'top_prob': 1.0})
+  # independent uniform positions: the exact ceiling of one step
+  uniform = task.one_step_diagnosis(np.full((64, L, V_S), -np.log(V_S)))
+  assert uniform['expected_constant'] == pytest.approx(task.mdm_ceiling(1, V_S, L))
+  assert uniform['top_prob'] == pytest.approx(1 / V_S)
+  # agreeing but unsure: p = 0.7 on the same value everywhere, the rest spread evenly
+  p = np.full((64, L, V_S), 0.3 / (V_S - 1))
+  p[np.arange(64), :, c] = 0.7
+  unsure = task.one_step_diagnosis(np.log(p))
+  assert unsure['greedy_constant'] == 1.0 and unsure['top_prob'] == pytest.approx(0.7)
+  assert unsure['expected_constant'] == pytest.approx(0.7 ** L + (V_S - 1) * (0.1 ** L))
+
+
 def test_expected_distinct_matches_simulation():
   rng = np.random.default_rng(1)
   sims = [len(np.unique(rng.integers(0, 64, 50))) for _ in range(4000)]
@@ -142,7 +160,9 @@ def test_render_from_results_json(tmp_path):
   results = {'command': 'python experiments/synthetic.py', 'total_seconds': 1,
              'setting': {'vocab': V_S, 'length': L, 'eval_samples': 256, 'balanced_temperature': 0},
              'ceiling': {str(k): task.mdm_ceiling(k, V_S, L) for k in steps},
-             'arms': {'mdm/redi': scores}, 'rounds': {'mdm/redi': {'1': scores, '2': scores}}}
+             'arms': {'mdm/redi': scores}, 'rounds': {'mdm/redi': {'1': scores, '2': scores}},
+             'one_step': {'mdm/redi': {'expected_constant': 0.0123, 'greedy_constant': 0.5,
+                                       'top_prob': 0.25}}}
   (tmp_path / 'results.json').write_text(json.dumps(results, sort_keys=True))
   proc = subprocess.run([sys.executable, 'experiments/synthetic.py', '--render', '--out',
                          str(tmp_path)], cwd=REPO, capture_output=True, text=True)
@@ -150,4 +170,5 @@ def test_render_from_results_json(tmp_path):
   table = (tmp_path / 'results.md').read_text()
   assert '| 1 step | 2 steps | 8 steps | 64 steps |' in table
   assert 'mdm/redi after round 1' in table and 'mdm/redi after round 2' in table
+  assert '| mdm/redi | ' in table and '| 0.012 | 0.500 | 0.250 |' in table
   assert (tmp_path / 'results.png').stat().st_size > 0

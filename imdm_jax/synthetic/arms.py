@@ -203,12 +203,27 @@ class Runner:
     return self._run(cfg, self._state(cfg, params), redi.redi_step, s.budget, draw,
                      'ReDi on oracle couplings').params
 
+  def _eval_inputs(self, cfg: Config, seed: int):
+    """Fully masked z [N, L] and their eps: the same for every arm of a family."""
+    z = np.full((self.s.eval_samples, self.s.length), self.mask_id, np.int32)
+    eps = noise.draw_eps(jax.random.PRNGKey(seed), z.shape, cfg) if noise.is_imdm(cfg) else None
+    return z, eps
+
+  def one_step(self, cfg: Config, params: Params, seed: int) -> dict[str, float]:
+    """`task.one_step_diagnosis` of x_theta at t = 1 on the evaluation's eps."""
+    graphdef = train_state.model_graphdef(cfg, self.mask_id)
+    z, eps = self._eval_inputs(cfg, seed)
+    if (cfg, 'x_theta') not in self._samplers:
+      self._samplers[cfg, 'x_theta'] = jax.jit(lambda p, z, eps: jax.nn.log_softmax(
+          sampler.model_denoiser(p, graphdef, cfg)(z, eps, jnp.ones(z.shape[:1]))[
+              ..., :self.s.vocab], -1))  # [N, L, V_s]
+    return task.one_step_diagnosis(np.asarray(self._samplers[cfg, 'x_theta'](params, z, eps)))
+
   def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:
     """`task.score` of `eval_samples` fresh samples at every step count of the setting."""
     s = self.s
     graphdef = train_state.model_graphdef(cfg, self.mask_id)
-    z = np.full((s.eval_samples, s.length), self.mask_id, np.int32)
-    eps = noise.draw_eps(jax.random.PRNGKey(seed), z.shape, cfg) if noise.is_imdm(cfg) else None
+    z, eps = self._eval_inputs(cfg, seed)
     out = {}
     for steps in s.eval_steps:
       if (cfg, steps) not in self._samplers:  # compiled once per family, not once per round

@@ -47,10 +47,11 @@ def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=prin
   mdm, imdm = config(s, imdm=False), config(s, imdm=True)
   results = {'command': command, 'setting': dataclasses.asdict(s),
              'ceiling': {str(k): task.mdm_ceiling(k, s.vocab, s.length) for k in s.eval_steps},
-             'arms': {}, 'rounds': {}, 'seconds': {}}
+             'arms': {}, 'one_step': {}, 'rounds': {}, 'seconds': {}}
 
   def record(name, cfg, params, t0):
     results['arms'][name] = {str(k): v for k, v in runner.evaluate(cfg, params, EVAL_SEED).items()}
+    results['one_step'][name] = runner.one_step(cfg, params, EVAL_SEED)
     results['seconds'][name] = round(time.time() - t0)
     write_json_atomic(os.path.join(out, 'results.json'), results)
     one = results['arms'][name][str(s.eval_steps[0])]

@@ -18,12 +18,16 @@ ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED, ORACLE)
 ROUNDS_SUFFIX = ' after round {}'
 
 
+def _in_order(table: dict) -> list[tuple[str, dict]]:
+  """`table`'s items in the arms' fixed order (results.json keeps its keys sorted)."""
+  order = ('mdm/base',) + ARMS
+  return sorted(table.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+
 def _rows(results: dict) -> list[tuple[str, dict]]:
   """Every arm, with the multi-round ReDi arms also shown after their first round."""
   rows = []
-  order = ('mdm/base',) + ARMS  # results.json keeps its keys sorted
-  for name, scores in sorted(results['arms'].items(),
-                             key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+  for name, scores in _in_order(results['arms']):
     rounds = results['rounds'].get(name, {})
     if len(rounds) > 1:
       rows.append((name + ROUNDS_SUFFIX.format(1), rounds['1']))
@@ -52,6 +56,17 @@ def markdown(results: dict) -> str:
     cells = [f'{scores[k]["constant"]:.3f} ± {scores[k]["constant_se"]:.3f} / {scores[k]["distinct"]}'
              for k in steps]
     lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {scores[steps[0]]["pairwise_mi"]:.2f} |')
+  diagnosis = results.get('one_step', {})  # results of older versions lack it
+  if diagnosis and steps[0] == '1':
+    lines += ['', 'One step, from x_theta on the same eps: the expected fraction of constant '
+              'samples (sum_v prod_l p_l(v)), the fraction whose argmax decoding is constant (the '
+              'positions agree), and the mean top probability of a position (each is sure):', '',
+              '| arm | sampled | expected | argmax decoding | mean top probability |',
+              '|---|---|---|---|---|']
+    for name, d in _in_order(diagnosis):
+      sampled = results['arms'][name][steps[0]]['constant']
+      lines.append(f'| {name} | {sampled:.3f} | {d["expected_constant"]:.3f} | '
+                   f'{d["greedy_constant"]:.3f} | {d["top_prob"]:.3f} |')
   if BALANCED in results['arms']:
     lines += ['', f'`imdm/redi-balanced` is an extension beyond the spec: from round 2 its teacher '
               f'samples at temperature {s["balanced_temperature"]:g} with per-value offsets that '

@@ -95,6 +95,27 @@ def _entropy(p: np.ndarray) -> float:
   return float(-np.sum(p * np.log(p)))
 
 
+def one_step_diagnosis(log_probs: np.ndarray) -> dict[str, float]:
+  """Where one-step constancy is lost, from each position's x_theta on fully masked inputs.
+
+  log_probs: [N, L, V_s], log x_theta over the data values at t = 1 for N draws of eps. A 1-step
+  sample is constant w.p. `sum_v prod_l p_l(v)` given eps (`expected_constant`, the noise-free
+  version of the sampled `constant`). It is high only if the positions agree on their most likely
+  value (`greedy_constant`: argmax decoding is constant) *and* each is sure of it
+  (`top_prob`, the mean over positions and draws of max_v p_l(v)).
+  """
+  log_probs = np.asarray(log_probs, np.float64)
+  joint = log_probs.sum(1)  # [N, V]: log prod_l p_l(v)
+  top = joint.max(-1, keepdims=True)
+  expected = np.exp(top[:, 0] + np.log(np.exp(joint - top).sum(-1)))
+  argmax = log_probs.argmax(-1)  # [N, L]
+  return {
+      'expected_constant': float(expected.mean()),
+      'greedy_constant': float((argmax == argmax[:, :1]).all(-1).mean()),
+      'top_prob': float(np.exp(log_probs.max(-1)).mean()),
+  }
+
+
 def score(x: np.ndarray, vocab: int) -> dict[str, float]:
   """The metrics of one batch of samples `x` [N, L] (tokens >= vocab, e.g. masks, never match)."""
   constant = (x == x[:, :1]).all(-1) & (x[:, 0] < vocab)
