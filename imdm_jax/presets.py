@@ -76,6 +76,13 @@ def _small(**model) -> ModelConfig:
   return ModelConfig(hidden_size=768, n_blocks=12, n_heads=12, **model)
 
 
+def _paper(vocab_size: int, data: DataConfig, eval_batches: int) -> Config:
+  """The MDLM paper's network and schedule (batch 512 for 1M steps) on `data`."""
+  return Config(model=_small(vocab_size=vocab_size), data=data,
+                train=TrainConfig(batch_size=512, num_steps=1_000_000, log_every=100,
+                                  eval_every=10_000, eval_batches=eval_batches, ckpt_every=10_000))
+
+
 @preset
 def lm1b_small() -> Config:
   """MDLM paper, LM1B: 12x768 DiT, L=128, bert-base-uncased (V=30522), batch 512, 1M steps.
@@ -83,12 +90,8 @@ def lm1b_small() -> Config:
   `tfds build lm1b --file_format=array_record --data_dir ~/.cache/imdm_jax` once, then
   `python train.py --preset lm1b-small`. The paper reports NELBO perplexity <= 27.04 after 1M steps.
   """
-  return Config(
-      model=_small(vocab_size=30522),
-      data=DataConfig(source='tfds:lm1b', seq_len=128, wrap=False, tokenizer='bert-base-uncased',
-                      val_split='test'),
-      train=TrainConfig(batch_size=512, num_steps=1_000_000, log_every=100, eval_every=10_000,
-                        eval_batches=0, ckpt_every=10_000))
+  return _paper(30522, DataConfig(source='tfds:lm1b', seq_len=128, wrap=False,
+                                  tokenizer='bert-base-uncased', val_split='test'), eval_batches=0)
 
 
 @preset
@@ -99,12 +102,8 @@ def owt_small() -> Config:
   `python train.py --preset owt-small --set data.source='text:/data/owt/*.jsonl'`.
   The paper reports validation NELBO perplexity <= 23.21 after 1M steps.
   """
-  return Config(
-      model=_small(vocab_size=50258),
-      data=DataConfig(source='text:openwebtext/*.jsonl', seq_len=1024, wrap=True, tokenizer='gpt2',
-                      val_split='last:100000'),
-      train=TrainConfig(batch_size=512, num_steps=1_000_000, log_every=100, eval_every=10_000,
-                        eval_batches=100, ckpt_every=10_000))
+  return _paper(50258, DataConfig(source='text:openwebtext/*.jsonl', seq_len=1024, wrap=True,
+                                  tokenizer='gpt2', val_split='last:100000'), eval_batches=100)
 
 
 @preset
