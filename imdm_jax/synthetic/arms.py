@@ -52,7 +52,7 @@ class Runner:
     self.s, self.mesh, self.log = s, mesh, log
     self.mask_id = s.vocab
     self.data = task.sequences(np.random.default_rng(s.seed), s.num_data, s.vocab, s.length)
-    self._samplers = {}
+    self._compiled = {}
 
   def _batch(self, rows: dict[str, np.ndarray] | Callable[[np.random.Generator], dict],
              rng: np.random.Generator) -> dict[str, jax.Array]:
@@ -190,10 +190,10 @@ class Runner:
     @jax.jit
     def pairs(seeds, key):
       eps = noise.seeded_eps(seeds, s.length, cfg)  # [B, L, D]
-      x = jnp.broadcast_to(task.oracle_partition(eps, s.vocab)[:, None], eps.shape[:2])
-      z, t = redi.coupling_inputs(key, x.astype(jnp.int32), self.mask_id,
-                                  cfg.distill.full_mask_fraction)
-      return {'z_T': z, 'x_hat': x.astype(jnp.int32), 't': t}
+      c = task.oracle_partition(eps, s.vocab).astype(jnp.int32)  # [B]
+      x = jnp.broadcast_to(c[:, None], eps.shape[:2])
+      z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.distill.full_mask_fraction)
+      return {'z_T': z, 'x_hat': x, 't': t}
 
     def draw(rng):
       seeds = rng.integers(0, np.iinfo(np.int32).max, s.batch).astype(np.int32)
@@ -213,11 +213,11 @@ class Runner:
     """`task.one_step_diagnosis` of x_theta at t = 1 on the evaluation's eps."""
     graphdef = train_state.model_graphdef(cfg, self.mask_id)
     z, eps = self._eval_inputs(cfg, seed)
-    if (cfg, 'x_theta') not in self._samplers:
-      self._samplers[cfg, 'x_theta'] = jax.jit(lambda p, z, eps: jax.nn.log_softmax(
+    if (cfg, 'x_theta') not in self._compiled:
+      self._compiled[cfg, 'x_theta'] = jax.jit(lambda p, z, eps: jax.nn.log_softmax(
           sampler.model_denoiser(p, graphdef, cfg)(z, eps, jnp.ones(z.shape[:1]))[
               ..., :self.s.vocab], -1))  # [N, L, V_s]
-    return task.one_step_diagnosis(np.asarray(self._samplers[cfg, 'x_theta'](params, z, eps)))
+    return task.one_step_diagnosis(np.asarray(self._compiled[cfg, 'x_theta'](params, z, eps)))
 
   def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:
     """`task.score` of `eval_samples` fresh samples at every step count of the setting."""
@@ -226,9 +226,9 @@ class Runner:
     z, eps = self._eval_inputs(cfg, seed)
     out = {}
     for steps in s.eval_steps:
-      if (cfg, steps) not in self._samplers:  # compiled once per family, not once per round
-        self._samplers[cfg, steps] = sampler.compile_sampler(
+      if (cfg, steps) not in self._compiled:  # compiled once per family, not once per round
+        self._compiled[cfg, steps] = sampler.compile_sampler(
             cfg, graphdef, self.mesh, sampler.SamplerConfig(steps=steps), self.mask_id)
-      x, _ = self._samplers[cfg, steps](params, jax.random.PRNGKey(seed + steps), z, eps)
+      x, _ = self._compiled[cfg, steps](params, jax.random.PRNGKey(seed + steps), z, eps)
       out[steps] = task.score(np.asarray(x), s.vocab)
     return out
