@@ -64,6 +64,9 @@ class DataConfig:
 class OptimConfig:
   lr: float = 3e-4
   warmup_steps: int = 2500  # linear warm-up, then constant
+  # > warmup_steps: after the warm-up, decay linearly to 0 at this step (an annealed end sharpens
+  # what Adam's noise at a constant rate blurs; README, synthetic results). 0: stay constant
+  decay_steps: int = 0
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
@@ -204,6 +207,9 @@ def validate(cfg: Config) -> None:
                     f'{", ".join(TEACHER_GRIDS)}')
   if min(cfg.distill.round_steps, cfg.distill.num_rounds, cfg.distill.teacher_base_steps) < 1:
     raise UserError('distill.round_steps, num_rounds and teacher_base_steps must be >= 1')
+  if cfg.optim.decay_steps and cfg.optim.decay_steps <= max(cfg.optim.warmup_steps, 1):
+    raise UserError(f'optim.decay_steps={cfg.optim.decay_steps} must exceed optim.warmup_steps='
+                    f'{cfg.optim.warmup_steps} (or be 0: no decay)')
   if cfg.data.seq_len < 3:
     raise UserError(f'data.seq_len={cfg.data.seq_len} is too short for BOS + token + EOS')
   if m.dtype not in DTYPES:

@@ -34,8 +34,13 @@ class TrainState:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; lr rises linearly from 0 over `warmup_steps`, then stays."""
-  lr = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+  """AdamW with global-norm clipping; lr rises linearly from 0 over `warmup_steps`, then stays, or
+  with `decay_steps` falls linearly to 0 at step `decay_steps`."""
+  warmup = max(cfg.warmup_steps, 1)
+  lr = optax.linear_schedule(0.0, cfg.lr, warmup)
+  if cfg.decay_steps:
+    lr = optax.join_schedules(
+        [lr, optax.linear_schedule(cfg.lr, 0.0, cfg.decay_steps - warmup)], [warmup])
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))

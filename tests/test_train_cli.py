@@ -39,6 +39,7 @@ def test_train_then_resume(tmp_path, data_dir):
     (['--preset', 'nonesuch'], "unknown preset 'nonesuch'"),
     (['--set', 'train.batch_size=ten'], "train.batch_size: expected int, got 'ten'"),
     (['--set', 'optim.nope=1'], "unknown key 'nope'"),
+    (['--set', 'optim.decay_steps=5'], 'optim.decay_steps=5 must exceed optim.warmup_steps'),
     (['--set', 'train.batch_size=3'], 'train.batch_size=3 is not divisible by the 2 devices'),
     (['--set', 'data.source=text:/nonexistent/*.txt'], 'no files match'),
     (['--workdir', 'gs://bucket/run'], '--workdir gs://bucket/run: remote URLs are not supported'),

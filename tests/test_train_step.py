@@ -92,6 +92,19 @@ def test_optimizer_warmup_and_clipping():
   np.testing.assert_allclose(sizes, np.array([0, .25, .5, .75, 1, 1]) * np.sqrt(2), rtol=1e-5)
 
 
+def test_optimizer_linear_decay():
+  cfg = OptimConfig(lr=1.0, warmup_steps=2, decay_steps=6, grad_clip=1e9, b1=0.0, b2=0.0, eps=0.0)
+  tx = train_state.make_optimizer(cfg)
+  params = {'w': jnp.zeros(())}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(8):
+    updates, state = tx.update({'w': jnp.array(3.0)}, state, params)
+    sizes.append(float(jnp.abs(updates['w'])))
+  # up over the warm-up, then down to 0 at step 6, and 0 after it
+  np.testing.assert_allclose(sizes, [0, .5, 1, .75, .5, .25, 0, 0], atol=1e-6)
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_training_lowers_the_loss_on_a_fixed_batch(micro_cfg, dtype):
   cfg = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model, dropout=0.0,

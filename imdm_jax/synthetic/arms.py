@@ -74,6 +74,8 @@ class Runner:
     return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
 
   def _run(self, cfg, state, step_fn, steps, rows, what, before_step=None):
+    if self.s.lr_decay and steps > cfg.optim.warmup_steps:  # the schedule is not in `state`
+      cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=steps))
     graphdef = train_state.model_graphdef(cfg, self.mask_id)
     step = train_step.compile_train_step(cfg, graphdef, self.mesh, state, step_fn)
     # batches drawn from a stream named by the stage, so an arm's numbers do not depend on which
