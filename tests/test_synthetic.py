@@ -93,11 +93,14 @@ def test_one_step_diagnosis_of_known_denoisers():
   c = rng.integers(0, V_S, 64)
   sure = np.log(np.maximum(jax.nn.one_hot(np.repeat(c[:, None], L, 1), V_S), 1e-30))
   assert task.one_step_diagnosis(sure) == pytest.approx(
-      {'expected_constant': 1.0, 'greedy_constant': 1.0, 'top_prob': 1.0})
+      {'expected_constant': 1.0, 'greedy_constant': 1.0, 'greedy_distinct': len(np.unique(c)),
+       'top_prob': 1.0})
   # independent uniform positions: the exact ceiling of one step
   uniform = task.one_step_diagnosis(np.full((64, L, V_S), -np.log(V_S)))
   assert uniform['expected_constant'] == pytest.approx(task.mdm_ceiling(1, V_S, L))
   assert uniform['top_prob'] == pytest.approx(1 / V_S)
+  # an eps-blind denoiser's argmax is one sequence for every draw: constant, and collapsed
+  assert uniform['greedy_constant'] == 1.0 and uniform['greedy_distinct'] == 1
   # agreeing but unsure: p = 0.7 on the same value everywhere, the rest spread evenly
   p = np.full((64, L, V_S), 0.3 / (V_S - 1))
   p[np.arange(64), :, c] = 0.7

@@ -60,13 +60,16 @@ def markdown(results: dict) -> str:
   if diagnosis and steps[0] == '1':
     lines += ['', 'One step, from x_theta on the same eps: the expected fraction of constant '
               'samples (sum_v prod_l p_l(v)), the fraction whose argmax decoding is constant (the '
-              'positions agree), and the mean top probability of a position (each is sure):', '',
+              'positions agree) / the values among those, and the mean top probability of a '
+              'position (each is sure):', '',
               '| arm | sampled | expected | argmax decoding | mean top probability |',
               '|---|---|---|---|---|']
     for name, d in _in_order(diagnosis):
       sampled = results['arms'][name][steps[0]]['constant']
-      lines.append(f'| {name} | {sampled:.3f} | {d["expected_constant"]:.3f} | '
-                   f'{d["greedy_constant"]:.3f} | {d["top_prob"]:.3f} |')
+      greedy = f'{d["greedy_constant"]:.3f}' + (
+          f' / {d["greedy_distinct"]}' if 'greedy_distinct' in d else '')  # older results lack it
+      lines.append(f'| {name} | {sampled:.3f} | {d["expected_constant"]:.3f} | {greedy} | '
+                   f'{d["top_prob"]:.3f} |')
   if BALANCED in results['arms']:
     lines += ['', f'`imdm/redi-balanced` is an extension beyond the spec: from round 2 its teacher '
               f'samples at temperature {s["balanced_temperature"]:g} with per-value offsets that '

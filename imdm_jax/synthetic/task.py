@@ -102,16 +102,20 @@ def one_step_diagnosis(log_probs: np.ndarray) -> dict[str, float]:
   sample is constant w.p. `sum_v prod_l p_l(v)` given eps (`expected_constant`, the noise-free
   version of the sampled `constant`). It is high only if the positions agree on their most likely
   value (`greedy_constant`: argmax decoding is constant) *and* each is sure of it
-  (`top_prob`, the mean over positions and draws of max_v p_l(v)).
+  (`top_prob`, the mean over positions and draws of max_v p_l(v)). `greedy_distinct` counts the
+  values among the constant argmax decodings: an MDM's argmax is one sequence whatever the draw,
+  an IMDM's can follow eps and cover every value.
   """
   log_probs = np.asarray(log_probs, np.float64)
   joint = log_probs.sum(1)  # [N, V]: log prod_l p_l(v)
   top = joint.max(-1, keepdims=True)
   expected = np.exp(top[:, 0] + np.log(np.exp(joint - top).sum(-1)))
   argmax = log_probs.argmax(-1)  # [N, L]
+  greedy = (argmax == argmax[:, :1]).all(-1)  # [N]
   return {
       'expected_constant': float(expected.mean()),
-      'greedy_constant': float((argmax == argmax[:, :1]).all(-1).mean()),
+      'greedy_constant': float(greedy.mean()),
+      'greedy_distinct': len(np.unique(argmax[greedy, 0])),
       'top_prob': float(np.exp(log_probs.max(-1)).mean()),
   }
 
