@@ -2,7 +2,8 @@
 
 Coupling generation: for N training rows x, draw t (U(0, 1), or 1 for a `full_mask_fraction` of
 the pairs), mask each token w.p. t, derive eps from an integer seed per pair (`noise.seeded_eps`),
-and run the current model's sampler from t to 0 (`distill.teacher_steps`, the grid scaled by t).
+and run the current model's sampler from t to 0 (`distill.teacher_steps`, the grid scaled by t;
+by reveal groups, at most L network calls, when that is exact: `reveal_groups.exact_for`).
 Pairs `(z_T, x_hat, t, seed)` are written chunk by chunk (a run killed half-way resumes at the
 next missing chunk), then gathered into a tfds ArrayRecord dataset next to them. Under several
 processes each chunk is one global batch over all their devices, and process 0 writes: the pairs
@@ -29,7 +30,8 @@ from jax.experimental import multihost_utils
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
-from imdm_jax import init_from, loss, noise, runtime, sampler, schedule, sharding, train_state
+from imdm_jax import (init_from, loss, noise, reveal_groups, runtime, sampler, schedule, sharding,
+                      train_state)
 from imdm_jax.config import Config, MeshConfig
 from imdm_jax.data import pipeline, store
 from imdm_jax.errors import UserError
@@ -56,13 +58,16 @@ def compile_coupler(cfg: Config, graphdef, mesh, mask_id: int):
   scfg = sampler.SamplerConfig(steps=d.teacher_steps, temperature=d.teacher_temperature,
                                final=d.teacher_final, fix_eps=d.teacher_fix_eps)
   sampler.validate(scfg, cfg)
+  # the same law in at most L network calls per run, when it is exact
+  sample = (reveal_groups.sample if reveal_groups.exact_for(cfg, scfg, noise.is_imdm(cfg))
+            else sampler.sample)
 
   def program(params, key, x, seeds):
     k_in, k_run = jax.random.split(key)
     z, t = coupling_inputs(k_in, x, mask_id, d.full_mask_fraction)
     eps = noise.seeded_eps(seeds, x.shape[1], cfg) if noise.is_imdm(cfg) else None
-    x_hat, _ = sampler.sample(sampler.model_denoiser(params, graphdef, cfg), k_run, z, eps,
-                              mask_id=mask_id, cfg=cfg, scfg=scfg, t0=t)
+    x_hat, _ = sample(sampler.model_denoiser(params, graphdef, cfg), k_run, z, eps,
+                      mask_id=mask_id, cfg=cfg, scfg=scfg, t0=t)
     return z, x_hat, t
 
   # the outputs are gathered onto every device, so each process can read them locally

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imdm_jax import sampler, sharding, train_state
+from imdm_jax import reveal_groups, sampler, sharding, train_state
 from imdm_jax.config import Config, MeshConfig, ModelConfig
 
 V0, L = 3, 3  # data tokens {0, 1, 2}, mask id 3
@@ -53,13 +53,13 @@ def _product_of_marginals():
   return np.array([np.prod([marg[l][c[l]] for l in range(L)]) for c in CONFIGS])
 
 
-def _run(steps, n=20_000, imdm=False, seed=0, **kw):
+def _run(steps, n=20_000, imdm=False, seed=0, sample=sampler.sample, z=None, t0=None, **kw):
   scfg = sampler.SamplerConfig(steps=steps, **kw)
-  z = jnp.full((n, L), MASK, jnp.int32)
+  z = jnp.full((n, L), MASK, jnp.int32) if z is None else z
   eps = jnp.zeros((n, L, 4)) if imdm else None
   with jax.enable_x64(scfg.float64):
-    run = jax.jit(lambda key, z, eps: sampler.sample(oracle, key, z, eps, mask_id=MASK,
-                                                     cfg=CFG, scfg=scfg))
+    run = jax.jit(lambda key, z, eps: sample(oracle, key, z, eps, mask_id=MASK, cfg=CFG, scfg=scfg,
+                                             t0=t0))
     x, stats = run(jax.random.PRNGKey(seed), z, eps)
   return np.asarray(x), jax.device_get(stats)
 
@@ -81,6 +81,66 @@ def test_many_steps_reproduce_the_joint(imdm):
 def test_one_step_gives_the_product_of_marginals(imdm):
   x, _ = _run(1, imdm=imdm)
   assert _tv(_empirical(x), _product_of_marginals()) < _tv_bound(len(x))
+
+
+def _exact_few_steps(steps, start, given=None, temperature=1.0, greedy=False):
+  """The exact law of a `steps`-step run from `start` under `oracle`, over the 27 sequences: a
+  sum over every way to assign the masked positions to the steps that reveal them."""
+  t = start * np.linspace(1, 1e-5, steps + 1)
+  alpha = 1 - (1 - 1e-3) * t
+  alpha[-1] = 1.0  # the last step reveals everything
+  p_step = np.diff(alpha) / (1 - alpha[0])  # P(revealed at step k)
+  masked = [l for l in range(L) if given is None or l not in given]
+  fixed = {} if given is None else dict(given)
+
+  def conditional(l, known):  # x_theta of position l given the known tokens
+    ok = np.all([CONFIGS[:, j] == v for j, v in known.items()], axis=0) if known else True
+    w = JOINT * ok
+    return np.array([w[CONFIGS[:, l] == v].sum() for v in range(V0)]) / w.sum()
+
+  law = np.zeros(len(CONFIGS))
+  for assignment in itertools.product(range(steps), repeat=len(masked)):
+    p_assign = np.prod([p_step[k] for k in assignment])
+    for i, x in enumerate(CONFIGS):
+      if any(x[l] != v for l, v in fixed.items()):
+        continue
+      p, known = p_assign, dict(fixed)
+      for k in sorted(set(assignment)):
+        group = [l for l, a in zip(masked, assignment) if a == k]
+        for l in group:
+          q = conditional(l, known) ** (1 / temperature)
+          q = np.eye(V0)[q.argmax()] if greedy and k == steps - 1 else q / q.sum()
+          p *= q[x[l]]
+        known.update({l: x[l] for l in group})
+      law[i] += p
+  return law
+
+
+@pytest.mark.parametrize('steps,start,kw', [
+    (2, 1.0, {}),
+    (4, 0.5, {'imdm': True, 'fix_eps': True}),  # a later start, a given token, eps held
+    (3, 1.0, {'temperature': 0.5, 'final': 'greedy'}),
+])
+def test_reveal_groups_sample_as_the_step_sampler(steps, start, kw):
+  n = 20_000
+  z = jnp.full((n, L), MASK, jnp.int32)
+  if start < 1:
+    z = z.at[:, 0].set(1)
+  t0 = jnp.full((n,), start)
+  exact = _exact_few_steps(steps, start, {0: 1} if start < 1 else None,
+                           kw.get('temperature', 1.0), kw.get('final') == 'greedy')
+  ref, _ = _run(steps, n, z=z, t0=t0, **kw)
+  x, stats = _run(steps, n, z=z, t0=t0, seed=1, sample=reveal_groups.sample, **kw)
+  assert _tv(_empirical(ref), exact) < _tv_bound(n)  # the step sampler: checks the reference
+  assert _tv(_empirical(x), exact) < _tv_bound(n)
+  assert stats['nfe'] <= L and stats['resets'] == 0
+  masks = stats['masks_per_step']
+  assert (np.diff(masks, axis=1) <= 0).all() and (masks[:, -1] == 0).all()
+  assert (masks[:, 0] <= (z == MASK).sum(1)).all()
+  if steps == 2:  # which positions are revealed together matters: 2 steps are not the joint
+    assert _tv(exact, JOINT) > 3 * _tv_bound(n)
+  assert reveal_groups.exact_for(CFG, sampler.SamplerConfig(fix_eps=True), imdm=True)
+  assert not reveal_groups.exact_for(CFG, sampler.SamplerConfig(), imdm=True)  # resets
 
 
 def test_imdm_posterior_rows_and_probabilities():
