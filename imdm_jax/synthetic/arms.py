@@ -180,8 +180,10 @@ class Runner:
     return params
 
   def oracle(self, cfg: Config, params: Params) -> Params:
-    """`budget` ReDi steps on perfect couplings: fresh eps every step, each pair's target the
-    constant sequence of `task.oracle_partition(eps)`.
+    """`budget` ReDi steps on perfect couplings, fresh every step: the coupling inputs of
+    `couplings` (a data row masked at t, seeded eps), and the target a perfect teacher would give:
+    the row's own value where any token is revealed, else the constant sequence of
+    `task.oracle_partition(eps)`.
 
     Not a method (no teacher knows this map): a reference for what couplings can teach this
     student in this budget. When it is no better than the ReDi arms, the student's learning of a
@@ -190,17 +192,20 @@ class Runner:
     s = self.s
 
     @jax.jit
-    def pairs(seeds, key):
+    def pairs(x, seeds, key):
       eps = noise.seeded_eps(seeds, s.length, cfg)  # [B, L, D]
-      c = task.oracle_partition(eps, s.vocab).astype(jnp.int32)  # [B]
-      x = jnp.broadcast_to(c[:, None], eps.shape[:2])
       z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.distill.full_mask_fraction)
-      return {'z_T': z, 'x_hat': x, 't': t}
+      c = task.oracle_partition(eps, s.vocab).astype(jnp.int32)  # [B]
+      # eps decides only when nothing is revealed: a revealed token is copied (as the teachers
+      # of `couplings` do), so the student also learns to follow revealed tokens over eps
+      x_hat = jnp.where(jnp.all(z == self.mask_id, axis=1, keepdims=True), c[:, None], x)
+      return {'z_T': z, 'x_hat': x_hat, 't': t}
 
     def draw(rng):
+      x = task.sequences(rng, s.batch, s.vocab, s.length)
       seeds = rng.integers(0, np.iinfo(np.int32).max, s.batch).astype(np.int32)
       key = jax.random.PRNGKey(int(rng.integers(np.iinfo(np.int32).max)))
-      return dict(jax.device_get(pairs(seeds, key)), seed=seeds)
+      return dict(jax.device_get(pairs(x, seeds, key)), seed=seeds)
 
     return self._run(cfg, self._state(cfg, params), redi.redi_step, s.budget, draw,
                      'ReDi on oracle couplings').params
