@@ -36,7 +36,9 @@ class Setting:
   sdtt_rounds: int = 6  # the round-0 teacher takes 2^rounds steps; the last student takes 1
   redi_rounds: int = 6  # reflow: round k + 1 re-couples from the round-k student
   redi_first_pairs: int = 2048  # round 1 couplings: few, so the student can fit eps -> c at all
-  redi_pairs: int = 8192  # couplings of each later round
+  # couplings of each later round: many, so the student sees each only a few times (reveal-group
+  # couplings make 32k pairs about 16 s here)
+  redi_pairs: int = 32768
   redi_first_steps: int = 150  # round 1 short: a smooth eps-dependence for later rounds to sharpen
   teacher_steps: int = 128  # sampler steps of the coupling runs
   teacher_temperature: float = 1.0  # of the teacher from round 2 on (round 1 always samples at 1)
