@@ -76,8 +76,9 @@ def markdown(results: dict) -> str:
               'keep its values uniform (`arms.Runner.balanced`).']
   if ORACLE in results['arms']:
     lines += ['', '`imdm/oracle` is a reference, not a method: the IMDM student trained by the ReDi '
-              'loss for the same budget on perfect couplings, fresh every step (targets: the sign '
-              'bits of the position-mean of eps; `task.oracle_partition`).']
+              'loss for the same budget on perfect couplings, fresh every step (the target of a '
+              'fully masked pair: the sign bits of the position-mean of eps, '
+              '`task.oracle_partition`; of any other, its revealed value).']
   lines += ['', f'Command: `{results["command"]}`; total time {results.get("total_seconds", "?")} s.']
   return '\n'.join(lines) + '\n'
 
