@@ -88,6 +88,20 @@ def test_oracle_partition_is_balanced_and_refuses_what_it_cannot_do():
       task.oracle_bits(vocab, dim)
 
 
+def test_oracle_targets_copy_what_is_revealed_and_map_eps_otherwise():
+  rng = np.random.default_rng(0)
+  x = task.sequences(rng, 512, V_S, L)
+  z = np.where(rng.random((512, L)) < 0.9, V_S, x)  # 0.9 ** L of the rows fully masked
+  eps = rng.uniform(-1, 1, (512, L, 8)).astype(np.float32)
+  x_hat = np.asarray(task.oracle_targets(jnp.asarray(x), jnp.asarray(z), jnp.asarray(eps), V_S,
+                                         V_S))
+  full = (z == V_S).all(1)
+  assert 0.1 < full.mean() < 0.9  # both kinds of row are there
+  np.testing.assert_array_equal(x_hat[~full], x[~full])
+  np.testing.assert_array_equal(x_hat[full], np.repeat(task.oracle_partition(eps[full], V_S)[:, None],
+                                                      L, 1))
+
+
 def test_one_step_diagnosis_of_known_denoisers():
   rng = np.random.default_rng(0)
   c = rng.integers(0, V_S, 64)

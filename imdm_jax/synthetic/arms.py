@@ -195,10 +195,9 @@ class Runner:
     def pairs(x, seeds, key):
       eps = noise.seeded_eps(seeds, s.length, cfg)  # [B, L, D]
       z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.distill.full_mask_fraction)
-      c = task.oracle_partition(eps, s.vocab).astype(jnp.int32)  # [B]
-      # eps decides only when nothing is revealed: a revealed token is copied (as the teachers
-      # of `couplings` do), so the student also learns to follow revealed tokens over eps
-      x_hat = jnp.where(jnp.all(z == self.mask_id, axis=1, keepdims=True), c[:, None], x)
+      # eps decides only when nothing is revealed, so the student also learns that a revealed
+      # token outweighs eps (as from the teachers of `couplings`)
+      x_hat = task.oracle_targets(x, z, eps, self.mask_id, s.vocab)
       return {'z_T': z, 'x_hat': x_hat, 't': t}
 
     def draw(rng):

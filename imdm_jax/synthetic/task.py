@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
@@ -64,6 +65,14 @@ def oracle_partition(eps, vocab: int):
   bits = oracle_bits(vocab, eps.shape[-1])
   mean = eps[..., :bits].mean(axis=1)  # [N, bits]
   return ((mean > 0) * (1 << np.arange(bits))).sum(-1)
+
+
+def oracle_targets(x, z, eps, mask_id: int, vocab: int):
+  """x_hat [N, L] of a perfect teacher for coupling inputs z [N, L] (`x` [N, L] masked), with
+  mask noise eps [N, L, D]: a row with any token revealed keeps its value (it is `x`, as every
+  teacher copies a revealed token), a fully masked row takes `oracle_partition(eps)`."""
+  c = oracle_partition(eps, vocab)  # [N]
+  return jnp.where(jnp.all(z == mask_id, axis=1, keepdims=True), c[:, None], x).astype(x.dtype)
 
 
 def expected_distinct(n: int, vocab: int) -> float:
