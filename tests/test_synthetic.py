@@ -88,13 +88,13 @@ def test_oracle_partition_is_balanced_and_refuses_what_it_cannot_do():
       task.oracle_bits(vocab, dim)
 
 
-def test_oracle_targets_copy_what_is_revealed_and_map_eps_otherwise():
+def test_coupling_targets_copy_what_is_revealed_and_map_eps_otherwise():
   rng = np.random.default_rng(0)
   x = task.sequences(rng, 512, V_S, L)
   z = np.where(rng.random((512, L)) < 0.9, V_S, x)  # 0.9 ** L of the rows fully masked
   eps = rng.uniform(-1, 1, (512, L, 8)).astype(np.float32)
-  x_hat = np.asarray(task.oracle_targets(jnp.asarray(x), jnp.asarray(z), jnp.asarray(eps), V_S,
-                                         V_S))
+  c = task.oracle_partition(jnp.asarray(eps), V_S)
+  x_hat = np.asarray(task.coupling_targets(jnp.asarray(x), jnp.asarray(z), c, V_S))
   full = (z == V_S).all(1)
   assert 0.1 < full.mean() < 0.9  # both kinds of row are there
   np.testing.assert_array_equal(x_hat[~full], x[~full])
@@ -165,7 +165,7 @@ def test_quick_experiment_end_to_end(tmp_path):
       # no MDM beats the ceiling (up to sampling error); the trained ones also reach it at 64 steps
       assert got < ceiling + 4 * np.sqrt(ceiling * (1 - ceiling) / n) + 2 / n, (arm, steps)
   assert results['arms']['mdm/base']['64']['constant'] > results['ceiling']['64'] - 0.05
-  assert 'imdm/redi' in results['arms'] and 'imdm/oracle' in results['arms']
+  assert {'imdm/redi', 'imdm/redi-balanced', 'imdm/consensus', 'imdm/oracle'} <= set(results['arms'])
   assert 'exact MDM ceiling' in (tmp_path / 'results.md').read_text()
 
 

@@ -1,4 +1,4 @@
-"""The whole synthetic experiment: one MDM base, eight arms, an extension and a reference, every
+"""The whole synthetic experiment: one MDM base, eight arms, two extensions and a reference, every
 arm scored at every step count.
 
 Results are written to `results.json` after every arm (an interrupted run keeps what it finished),
@@ -17,7 +17,7 @@ from imdm_jax.config import MeshConfig
 from imdm_jax.errors import UserError
 from imdm_jax.synthetic import report, task
 from imdm_jax.synthetic.arms import Runner, config
-from imdm_jax.synthetic.report import ARMS, BALANCED, FAMILIES, ORACLE
+from imdm_jax.synthetic.report import ARMS, BALANCED, CONSENSUS, FAMILIES, ORACLE
 from imdm_jax.synthetic.settings import Setting
 
 EVAL_SEED = 1234  # the same fresh samples' randomness for every arm
@@ -37,7 +37,8 @@ def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=prin
     raise UserError(f'--only {ORACLE}: {oracle_reason}')
 
   def wanted(name):
-    if name == BALANCED and not s.balanced_temperature or name == ORACLE and oracle_reason:
+    if (name == BALANCED and not s.balanced_temperature or name == CONSENSUS and
+        not s.consensus_refresh or name == ORACLE and oracle_reason):
       return False
     return not only or name in only
 
@@ -89,6 +90,9 @@ def run(s: Setting, out: str, command: str, only: tuple[str, ...] = (), log=prin
     t0 = time.time()
     params = runner.redi(imdm, mdm, base, per_round(BALANCED, imdm), s.balanced_temperature)
     record(BALANCED, imdm, params, t0)
+  if wanted(CONSENSUS):
+    t0 = time.time()
+    record(CONSENSUS, imdm, runner.consensus(imdm, mdm, base, s.consensus_refresh), t0)
   if wanted(ORACLE):
     t0 = time.time()
     record(ORACLE, imdm, runner.oracle(imdm, base), t0)

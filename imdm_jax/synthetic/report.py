@@ -13,8 +13,9 @@ from imdm_jax.synthetic import task
 FAMILIES = ('mdm', 'imdm')
 METHODS = ('nelbo', 'sdtt', 'redi', 'sdtt+redi')
 BALANCED = 'imdm/redi-balanced'  # the extension arm (`Setting.balanced_temperature`)
+CONSENSUS = 'imdm/consensus'  # an extension: online self-distillation (`Runner.consensus`)
 ORACLE = 'imdm/oracle'  # a reference, not a method: ReDi on perfect couplings (`Runner.oracle`)
-ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED, ORACLE)
+ARMS = tuple(f'{f}/{m}' for f in FAMILIES for m in METHODS) + (BALANCED, CONSENSUS, ORACLE)
 ROUNDS_SUFFIX = ' after round {}'
 
 
@@ -74,6 +75,11 @@ def markdown(results: dict) -> str:
     lines += ['', f'`imdm/redi-balanced` is an extension beyond the spec: from round 2 its teacher '
               f'samples at temperature {s["balanced_temperature"]:g} with per-value offsets that '
               'keep its values uniform (`arms.Runner.balanced`).']
+  if CONSENSUS in results['arms']:
+    lines += ['', f'`imdm/consensus` is an extension beyond the spec: ReDi round 1, then the rest of '
+              'the budget on fresh eps, the target of a fully masked pair being the balanced '
+              'argmax of the mean log x_theta over positions of the student frozen every '
+              f'{s["consensus_refresh"]} steps (`arms.Runner.consensus`).']
   if ORACLE in results['arms']:
     lines += ['', '`imdm/oracle` is a reference, not a method: the IMDM student trained by the ReDi '
               'loss for the same budget on perfect couplings, fresh every step (the target of a '

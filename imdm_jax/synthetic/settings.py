@@ -36,15 +36,19 @@ class Setting:
   sdtt_rounds: int = 6  # the round-0 teacher takes 2^rounds steps; the last student takes 1
   redi_rounds: int = 6  # reflow: round k + 1 re-couples from the round-k student
   redi_first_pairs: int = 2048  # round 1 couplings: few, so the student can fit eps -> c at all
-  # couplings of each later round: many, so the student sees each only a few times (reveal-group
-  # couplings make 32k pairs about 16 s here)
-  redi_pairs: int = 32768
+  # couplings of each later round. Few enough that the student fits them closely: with 32768 the
+  # spec's ReDi never left the ceiling (README, Results)
+  redi_pairs: int = 8192
   redi_first_steps: int = 150  # round 1 short: a smooth eps-dependence for later rounds to sharpen
   teacher_steps: int = 128  # sampler steps of the coupling runs
   teacher_temperature: float = 1.0  # of the teacher from round 2 on (round 1 always samples at 1)
   # An extra IMDM arm beyond the spec: ReDi whose teacher from round 2 samples at this temperature
   # with its values balanced (`arms.Runner.balanced`); 0 leaves the arm out
   balanced_temperature: float = 0.25
+  # The other extension (`arms.Runner.consensus`): after ReDi round 1, online self-distillation on
+  # fresh eps whose teacher, the student frozen every this many steps, labels a fully masked pair
+  # by its balanced consensus over positions; 0 leaves the arm out
+  consensus_refresh: int = 150
   full_mask_fraction: float = 0.5  # pairs with t = 1; the rest t ~ U(0, 1)
   # the spec's ablation: rectify on fresh eps, not the pair's seeded eps (`distill.ignore_seed`)
   redi_ignore_seed: bool = False
@@ -112,6 +116,8 @@ def resolve(name: str, overrides: list[str]) -> Setting:
       raise UserError(f'--set {item!r}: not a valid {fields[key].type}') from None
   if setting.vocab < 2 or setting.length < 2 or setting.redi_rounds < 1 or setting.sdtt_rounds < 1:
     raise UserError('need vocab >= 2, length >= 2, redi_rounds >= 1 and sdtt_rounds >= 1')
+  if setting.consensus_refresh < 0:
+    raise UserError(f'consensus_refresh={setting.consensus_refresh}: expected >= 1, or 0 (no arm)')
   if setting.redi_first_steps >= setting.budget and setting.redi_rounds > 1:
     raise UserError(f'redi_first_steps={setting.redi_first_steps} leaves no budget for later rounds')
   return setting

@@ -67,11 +67,9 @@ def oracle_partition(eps, vocab: int):
   return ((mean > 0) * (1 << np.arange(bits))).sum(-1)
 
 
-def oracle_targets(x, z, eps, mask_id: int, vocab: int):
-  """x_hat [N, L] of a perfect teacher for coupling inputs z [N, L] (`x` [N, L] masked), with
-  mask noise eps [N, L, D]: a row with any token revealed keeps its value (it is `x`, as every
-  teacher copies a revealed token), a fully masked row takes `oracle_partition(eps)`."""
-  c = oracle_partition(eps, vocab)  # [N]
+def coupling_targets(x, z, c, mask_id: int):
+  """x_hat [N, L] of a teacher that copies a revealed token, and gives a fully masked row the
+  constant row of its value c [N] (jax arrays; x [N, L] constant rows, z [N, L] x masked)."""
   return jnp.where(jnp.all(z == mask_id, axis=1, keepdims=True), c[:, None], x).astype(x.dtype)
 
 
