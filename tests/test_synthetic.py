@@ -13,7 +13,7 @@ import pytest
 from imdm_jax import sampler
 from imdm_jax.config import Config, ModelConfig
 from imdm_jax.errors import UserError
-from imdm_jax.synthetic import settings, task
+from imdm_jax.synthetic import arms, settings, task
 
 V_S, L = 4, 5
 MASK = V_S
@@ -100,6 +100,17 @@ def test_coupling_targets_copy_what_is_revealed_and_map_eps_otherwise():
   np.testing.assert_array_equal(x_hat[~full], x[~full])
   np.testing.assert_array_equal(x_hat[full], np.repeat(task.oracle_partition(eps[full], V_S)[:, None],
                                                       L, 1))
+
+
+def test_balancing_offsets_make_every_value_equally_likely():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(4096, 3, V_S)) + np.arange(V_S) * 2.0  # strongly prefers the last
+  b = arms.balancing_offsets(scores, iterations=200)
+  probs = np.exp(scores - b)
+  marginal = (probs / probs.sum(-1, keepdims=True)).mean((0, 1))
+  np.testing.assert_allclose(marginal, 1 / V_S, atol=1e-3)
+  before = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+  assert before.mean((0, 1))[-1] > 0.5  # it had something to correct
 
 
 def test_one_step_diagnosis_of_known_denoisers():
