@@ -1,6 +1,6 @@
 """The synthetic experiment (method.md §5): MDM vs IMDM, trained and distilled, at few steps.
 
-  python experiments/synthetic.py                      # V_s = 64, about an hour on 2 CPU cores
+  python experiments/synthetic.py                      # V_s = 64, about 35 minutes on 2 CPU cores
   python experiments/synthetic.py --preset quick       # a few minutes
   python experiments/synthetic.py --set vocab=1000 --out runs/synthetic-1000
 
