@@ -206,14 +206,21 @@ class Runner:
       x_hat = task.coupling_targets(x, z, task.oracle_partition(eps, s.vocab), self.mask_id)
       return {'z_T': z, 'x_hat': x_hat, 't': t}
 
+    return self._run(cfg, self._state(cfg, params), redi.redi_step, s.budget,
+                     self._fresh_pairs(pairs), 'ReDi on oracle couplings').params
+
+  def _fresh_pairs(self, pairs: Callable) -> Callable[[np.random.Generator], dict]:
+    """`rows(rng)` for `_batch`: a batch of data rows, seeds and a key, handed to
+    `pairs(x, seeds, key) -> {'z_T', 'x_hat', 't'}`."""
+    s = self.s
+
     def draw(rng):
       x = task.sequences(rng, s.batch, s.vocab, s.length)
       seeds = rng.integers(0, np.iinfo(np.int32).max, s.batch).astype(np.int32)
       key = jax.random.PRNGKey(int(rng.integers(np.iinfo(np.int32).max)))
       return dict(jax.device_get(pairs(x, seeds, key)), seed=seeds)
 
-    return self._run(cfg, self._state(cfg, params), redi.redi_step, s.budget, draw,
-                     'ReDi on oracle couplings').params
+    return draw
 
   def consensus(self, cfg: Config, teacher_cfg: Config, params: Params, refresh: int) -> Params:
     """ReDi round 1 (as in `redi`), then online self-distillation on fresh eps for the rest of the
@@ -257,13 +264,7 @@ class Runner:
         held['b'] = jnp.asarray(b, jnp.float32)
       return state
 
-    def draw(rng):
-      x = task.sequences(rng, s.batch, s.vocab, s.length)
-      seeds = rng.integers(0, np.iinfo(np.int32).max, s.batch).astype(np.int32)
-      key = jax.random.PRNGKey(int(rng.integers(np.iinfo(np.int32).max)))
-      out = targets(held['teacher'], held['b'], x, seeds, key)
-      return dict(jax.device_get(out), seed=seeds)
-
+    draw = self._fresh_pairs(lambda *rows: targets(held['teacher'], held['b'], *rows))
     state = self._state(cfg, params)
     return self._run(cfg, state, redi.redi_step, s.budget - s.redi_first_steps, draw,
                      f'online consensus (teacher refreshed every {refresh} steps)',
