@@ -16,13 +16,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from imdm_jax import redi, reveal_groups, runtime, sharding, train_state  # pylint: disable=wrong-import-position
-from imdm_jax.config import MeshConfig  # pylint: disable=wrong-import-position
+from imdm_jax import noise, redi, reveal_groups, runtime, sampler, train_state  # pylint: disable=wrong-import-position
 from imdm_jax.synthetic import arms, task  # pylint: disable=wrong-import-position
 from imdm_jax.synthetic.settings import Setting  # pylint: disable=wrong-import-position
 
@@ -35,24 +33,24 @@ def main() -> None:
   runtime.setup()
   s = Setting(teacher_steps=args.steps)
   cfg = arms.config(s, imdm=True)
-  cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_fix_eps=True))
-  mesh = sharding.make_mesh(MeshConfig())
+  scfg = sampler.SamplerConfig(steps=args.steps, fix_eps=True)  # the experiment's teachers
+  assert reveal_groups.exact_for(cfg, scfg, imdm=True)
   params = train_state.init_params(cfg, s.vocab, jax.random.PRNGKey(0))
-  graphdef = train_state.model_graphdef(cfg, s.vocab)
-  rng = np.random.default_rng(0)
-  x = task.sequences(rng, s.batch, s.vocab, s.length)
-  seeds = np.arange(s.batch, dtype=np.int32)
+  denoiser = sampler.model_denoiser(params, train_state.model_graphdef(cfg, s.vocab), cfg)
+  x = jnp.asarray(task.sequences(np.random.default_rng(0), s.batch, s.vocab, s.length))
+  eps = noise.seeded_eps(jnp.arange(s.batch, dtype=jnp.int32), s.length, cfg)
   rates = {}
-  for name, exact in (('step sampler', lambda *_: False), ('reveal groups', reveal_groups.exact_for)):
-    original, reveal_groups.exact_for = reveal_groups.exact_for, exact
-    try:
-      run = redi.compile_coupler(cfg, graphdef, mesh, s.vocab)
-    finally:
-      reveal_groups.exact_for = original
-    run(params, jax.random.PRNGKey(0), x, seeds)  # compile
-    start = time.time()
-    for c in range(-(-args.pairs // s.batch)):
-      run(params, jax.random.PRNGKey(c), x, seeds)
+  for name, sample in (('step sampler', sampler.sample), ('reveal groups', reveal_groups.sample)):
+    def run(key, sample=sample):  # a coupling run from ReDi's inputs, as `redi.compile_coupler`
+      k_in, k_run = jax.random.split(key)
+      z, t = redi.coupling_inputs(k_in, x, s.vocab, cfg.distill.full_mask_fraction)
+      return sample(denoiser, k_run, z, eps, mask_id=s.vocab, cfg=cfg, scfg=scfg, t0=t)[0]
+    with jax.enable_x64(scfg.float64):
+      run = jax.jit(run)
+      run(jax.random.PRNGKey(0)).block_until_ready()  # compile
+      start = time.time()
+      for c in range(-(-args.pairs // s.batch)):
+        run(jax.random.PRNGKey(c)).block_until_ready()
     rates[name] = args.pairs / (time.time() - start)
     print(f'{name}: {rates[name]:.0f} pairs/s', flush=True)
   print(f'reveal groups / step sampler: {rates["reveal groups"] / rates["step sampler"]:.1f}x')

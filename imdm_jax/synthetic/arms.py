@@ -238,13 +238,11 @@ class Runner:
     pairs = self.couplings(teacher_cfg, params, s.redi_first_pairs, 0, 1.0)
     state = self._state(cfg, params)
     params = self._run(cfg, state, redi.redi_step, s.redi_first_steps, pairs, 'ReDi round 1').params
-    graphdef = train_state.model_graphdef(cfg, self.mask_id)
 
     @jax.jit
     def consensus_scores(params, eps):  # [N, V_s]: mean over positions of log x_theta, t = 1
       z = jnp.full(eps.shape[:2], self.mask_id, jnp.int32)
-      logits = sampler.model_denoiser(params, graphdef, cfg)(z, eps, jnp.ones(z.shape[:1]))
-      return jax.nn.log_softmax(logits[..., :s.vocab], -1).mean(1)
+      return self._log_x_theta(cfg, params, z, eps).mean(1)
 
     @jax.jit
     def targets(teacher, b, x, seeds, key):
@@ -276,14 +274,17 @@ class Runner:
     eps = noise.draw_eps(jax.random.PRNGKey(seed), z.shape, cfg) if noise.is_imdm(cfg) else None
     return z, eps
 
+  def _log_x_theta(self, cfg: Config, params: Params, z, eps):
+    """log x_theta [N, L, V_s] over the data values of z [N, L] with mask noise eps, at t = 1."""
+    graphdef = train_state.model_graphdef(cfg, self.mask_id)
+    logits = sampler.model_denoiser(params, graphdef, cfg)(z, eps, jnp.ones(z.shape[:1]))
+    return jax.nn.log_softmax(logits[..., :self.s.vocab], -1)
+
   def one_step(self, cfg: Config, params: Params, seed: int) -> dict[str, float]:
     """`task.one_step_diagnosis` of x_theta at t = 1 on the evaluation's eps."""
-    graphdef = train_state.model_graphdef(cfg, self.mask_id)
     z, eps = self._eval_inputs(cfg, seed)
     if (cfg, 'x_theta') not in self._compiled:
-      self._compiled[cfg, 'x_theta'] = jax.jit(lambda p, z, eps: jax.nn.log_softmax(
-          sampler.model_denoiser(p, graphdef, cfg)(z, eps, jnp.ones(z.shape[:1]))[
-              ..., :self.s.vocab], -1))  # [N, L, V_s]
+      self._compiled[cfg, 'x_theta'] = jax.jit(lambda p, z, eps: self._log_x_theta(cfg, p, z, eps))
     return task.one_step_diagnosis(np.asarray(self._compiled[cfg, 'x_theta'](params, z, eps)))
 
   def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:

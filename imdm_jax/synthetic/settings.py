@@ -24,7 +24,7 @@ class Setting:
   batch: int = 256
   lr: float = 1e-3
   # every stage (base, NELBO, SDTT, each ReDi round) decays its rate linearly to 0 over its own
-  # steps; false keeps it constant after the warm-up. Decay lifted the oracle from 0.49 to 0.76
+  # steps; false keeps it constant after the warm-up. Decay lifted the oracle from 0.48 to 0.75
   # at 1 step in the same updates (README, Results): Adam's noise at a constant rate blurs the
   # boundaries of the eps -> c map
   lr_decay: bool = True
