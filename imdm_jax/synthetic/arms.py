@@ -45,6 +45,10 @@ def config(s: Setting, imdm: bool) -> Config:
   return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=s.length))
 
 
+def _with_lr(cfg: Config, lr: float) -> Config:
+  return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
+
+
 def balancing_offsets(scores: np.ndarray, iterations: int = 50) -> np.ndarray:
   """b [V] such that softmax(scores - b), averaged over every row of scores [..., V], is uniform:
   the fixed point of b <- b + log(V * marginal(b))."""
@@ -109,7 +113,7 @@ class Runner:
 
   def sdtt(self, cfg: Config, params: Params) -> Params:
     """`num_rounds` rounds of `round_steps`: the teacher halves its step count each round."""
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=self.s.sdtt_lr))
+    cfg = _with_lr(cfg, self.s.sdtt_lr)
     student = self._state(cfg, params)
     state = sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
                            round=jnp.zeros((), jnp.int32))
@@ -196,6 +200,7 @@ class Runner:
     sharp eps -> c map is what limits them, not the quality of their couplings.
     """
     s = self.s
+    cfg = _with_lr(cfg, s.online_lr)
 
     @jax.jit
     def pairs(x, seeds, key):
@@ -235,6 +240,7 @@ class Runner:
     drifts onto the values the student slightly prefers.
     """
     s = self.s
+    cfg = _with_lr(cfg, s.online_lr)
     pairs = self.couplings(teacher_cfg, params, s.redi_first_pairs, 0, 1.0)
     state = self._state(cfg, params)
     params = self._run(cfg, state, redi.redi_step, s.redi_first_steps, pairs, 'ReDi round 1').params
