@@ -32,8 +32,8 @@ class Setting:
   # self-distillation collapsed the MDM onto one token in 6 rounds in 1 of 3 runs (README, Results)
   sdtt_lr: float = 1e-4
   # the rate of the two arms trained on fresh pairs (`imdm/consensus`, `imdm/oracle`). The
-  # consensus arm's self-labelling sharpens faster at 3e-3 than at `lr` (0.79 against 0.69 at 1
-  # step; 1e-2 is no better): README, Results
+  # consensus arm's self-labelling sharpens faster at 3e-3 than at `lr` (+13 points at 1 step;
+  # 1e-2 is no better): README, Results
   online_lr: float = 3e-3
   base_steps: int = 2000  # NELBO training of the MDM every arm starts from
   budget: int = 3150  # student updates of every arm after the base
@@ -74,7 +74,8 @@ def default() -> Setting:
   """`python experiments/synthetic.py` — V_s = 64, a 2 x 64 DiT, D = 8; ~35 minutes on 2 cores.
 
   Expect every MDM arm on the exact ceiling at every step count, and the IMDM ReDi arms above it at
-  1-2 steps, `imdm/consensus` highest (0.64 at 1 step; README, Results, gives the measured table).
+  1-2 steps, `imdm/consensus` highest (0.76 at 1 step, level with the oracle; README, Results,
+  gives the measured table).
   """
   return Setting()
 
