@@ -2,6 +2,7 @@
 
   python experiments/synthetic.py                      # V_s = 64, about 35 minutes on 2 CPU cores
   python experiments/synthetic.py --preset quick       # a few minutes
+  python experiments/synthetic.py --preset target --only imdm/consensus  # the target, ~46 minutes
   python experiments/synthetic.py --set vocab=1000 --out runs/synthetic-1000
 
 Writes results.json, results.md and results.png to --out.
