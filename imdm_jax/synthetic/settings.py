@@ -99,8 +99,9 @@ def full() -> Setting:
 @_preset
 def target() -> Setting:
   """`python experiments/synthetic.py --preset target --only imdm/consensus` — 16x the default's
-  updates per arm (50400): the budget at which the consensus arm meets the issue's target (at
-  seed 0, 0.939 constant at 1 step and 0.955 at 2, 64 of 64 values; ~46 minutes on 2 cores).
+  updates per arm (50400): the budget at which the consensus arm meets the issue's target (0.939
+  constant at 1 step and 0.955 at 2 with seed 0, 0.931 and 0.954 with seed 1, 64 of 64 values;
+  ~46 minutes on 2 cores).
   Without `--only`, every arm at this budget (84 ReDi rounds of the default's length): many hours,
   not yet run."""
   return Setting(budget=50_400, redi_rounds=84)
