@@ -155,10 +155,9 @@ def test_settings_overrides_and_refusals():
 def test_longer_presets_keep_the_default_round_length():
   """`full` and `target` buy updates, not longer ReDi rounds: each round is as long as the
   default's, so the arms differ from the default only in how many rounds and updates they get."""
-  round_length = lambda s: (s.budget - s.redi_first_steps) // (s.redi_rounds - 1)
-  default = round_length(settings.resolve('default', []))
+  default = settings.resolve('default', []).redi_round_steps
   for name in ('full', 'target'):
-    assert round_length(settings.resolve(name, [])) == pytest.approx(default, rel=0.1), name
+    assert settings.resolve(name, []).redi_round_steps == pytest.approx(default, rel=0.1), name
 
 
 @pytest.mark.parametrize('args', [['--set', 'vocab=x'], ['--only', 'mdm/nelbo,imdm/magic']])

@@ -173,13 +173,12 @@ class Runner:
     `balanced_temperature`, the `balanced` student at that temperature.
     """
     s = self.s
-    later = (s.budget - s.redi_first_steps) // max(s.redi_rounds - 1, 1)
     teacher, tcfg, temperature = params, teacher_cfg, 1.0
     for r in range(s.redi_rounds):
       pairs = self.couplings(tcfg, teacher, s.redi_first_pairs if r == 0 else s.redi_pairs, r,
                              temperature)
       state = self._state(student_cfg, params)
-      steps = s.redi_first_steps if r == 0 else later
+      steps = s.redi_first_steps if r == 0 else s.redi_round_steps
       params = self._run(student_cfg, state, redi.redi_step, steps, pairs,
                          f'ReDi round {r + 1}').params
       evaluate(params, r + 1)

@@ -32,7 +32,7 @@ class Setting:
   # self-distillation collapsed the MDM onto one token in 6 rounds in 1 of 3 runs (README, Results)
   sdtt_lr: float = 1e-4
   # the rate of the two arms trained on fresh pairs (`imdm/consensus`, `imdm/oracle`). The
-  # consensus arm's self-labelling sharpens faster at 3e-3 than at `lr` (+13 points at 1 step;
+  # consensus arm's self-labelling sharpens faster at 3e-3 than at `lr` (+12 points at 1 step;
   # 1e-2 is no better): README, Results
   online_lr: float = 3e-3
   base_steps: int = 2000  # NELBO training of the MDM every arm starts from
@@ -51,14 +51,20 @@ class Setting:
   balanced_temperature: float = 0.25
   # The other extension (`arms.Runner.consensus`): after ReDi round 1, online self-distillation on
   # fresh eps whose teacher, the student frozen every this many steps, labels a fully masked pair
-  # by its balanced consensus over positions; 0 leaves the arm out
-  consensus_refresh: int = 50  # staler teachers do worse: 150 and 600 steps (README, Results)
+  # by its balanced consensus over positions; 0 leaves the arm out. Staler teachers do worse (at
+  # 1e-3, 150 and 600 steps; at 3e-3, 150 is about level: README, Results)
+  consensus_refresh: int = 50
   full_mask_fraction: float = 0.5  # pairs with t = 1; the rest t ~ U(0, 1)
   # the spec's ablation: rectify on fresh eps, not the pair's seeded eps (`distill.ignore_seed`)
   redi_ignore_seed: bool = False
   eval_samples: int = 4096
   eval_steps: tuple[int, ...] = (1, 2, 4, 8, 64)
   seed: int = 0
+
+  @property
+  def redi_round_steps(self) -> int:
+    """Steps of each ReDi round after the first: the rest of the budget, shared evenly."""
+    return (self.budget - self.redi_first_steps) // max(self.redi_rounds - 1, 1)
 
 
 PRESETS: dict[str, Callable[[], Setting]] = {}
@@ -101,9 +107,8 @@ def target() -> Setting:
   """`python experiments/synthetic.py --preset target --only imdm/consensus` — 16x the default's
   updates per arm (50400): the budget at which the consensus arm meets the issue's target (0.939
   constant at 1 step and 0.955 at 2 with seed 0, 0.931 and 0.954 with seed 1, 64 of 64 values;
-  ~46 minutes on 2 cores).
-  Without `--only`, every arm at this budget (84 ReDi rounds of the default's length): many hours,
-  not yet run."""
+  ~46 minutes on 2 cores). Without `--only`, every arm at this budget (84 ReDi rounds of the
+  default's length): many hours, not yet run."""
   return Setting(budget=50_400, redi_rounds=84)
 
 
