@@ -60,10 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
   args = parse_args(argv)
   runtime.setup()
-  from imdm_jax import convert  # pylint: disable=g-import-not-at-top  (after runtime.setup)
-  print(convert.convert(args.src, args.out, raw=args.raw, force=args.force,
-                        tokenizer_path=args.tokenizer_path, preset=args.preset,
-                        overrides=args.overrides))
+  from imdm_jax.convert import convert  # pylint: disable=g-import-not-at-top  (after runtime.setup)
+  print(convert(args.src, args.out, raw=args.raw, force=args.force,
+                tokenizer_path=args.tokenizer_path, preset=args.preset, overrides=args.overrides))
 
 
 if __name__ == '__main__':

@@ -1,13 +1,13 @@
 """Few-step distillation of MDLM and IMDM students: SDTT and ReDi (and SDTT followed by ReDi).
 
   python distill.py sdtt --teacher runs/default --workdir runs/sdtt \\
-      --set distill.round_steps=500 --set distill.num_rounds=3
-  python distill.py redi-generate --teacher runs/sdtt --out runs/pairs --set distill.num_pairs=4096
+      --set sdtt.round_steps=500 --set sdtt.num_rounds=3
+  python distill.py redi-generate --teacher runs/sdtt --out runs/pairs --set redi.num_pairs=4096
   python distill.py redi-train --couplings runs/pairs --init runs/sdtt --workdir runs/redi
-  python distill.py redi --teacher runs/sdtt --workdir runs/reflow --set distill.reflow_rounds=3
+  python distill.py redi --teacher runs/sdtt --workdir runs/reflow --set redi.rounds=3
   python distill.py redi-generate --multihost ...  # every host of a TPU pod slice / GPU cluster
 
-`sdtt` lasts num_rounds x round_steps steps. `redi` runs distill.reflow_rounds rounds of
+`sdtt` lasts num_rounds x round_steps steps. `redi` runs redi.rounds rounds of
 generate + train (round k + 1 couples from the round-k student, with fresh seeds) in
 WORKDIR/round{k}. `--preset` sets the student's architecture, data and optimizer (the papers'
 hyperparameters: `--set optim.lr=6e-5` for SDTT, `3e-4` for ReDi). Runs resume from their
@@ -56,16 +56,15 @@ def main(argv=None) -> None:
   cfg = config_lib.resolve(args.preset, args.overrides)  # bad flags fail before joining a job
   runtime.setup_from_args(args)
   import jax  # pylint: disable=g-import-not-at-top  (after runtime.setup)
-  from imdm_jax import distillation, redi, trainer  # pylint: disable=g-import-not-at-top
+  from imdm_jax import couplings, distillation, trainer  # pylint: disable=g-import-not-at-top
   if args.method == 'sdtt':
     _need(args, 'teacher', 'workdir')
-    d = cfg.distill
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, num_steps=d.num_rounds * d.round_steps))
+        cfg.train, num_steps=cfg.sdtt.num_rounds * cfg.sdtt.round_steps))
     trainer.train(cfg, args.workdir, init_from=args.teacher, program=distillation.sdtt_program(cfg))
   elif args.method == 'redi-generate':
     _need(args, 'teacher', 'out')
-    redi.generate(cfg, args.teacher, args.out)  # prints its own `done:` line
+    couplings.generate(cfg, args.teacher, args.out)  # prints its own `done:` line
   elif args.method == 'redi-train':
     _need(args, 'couplings', 'init', 'workdir')
     trainer.train(cfg, args.workdir, init_from=args.init,
@@ -73,14 +72,14 @@ def main(argv=None) -> None:
   else:  # reflow: each round couples from the previous round's student, with fresh seeds
     _need(args, 'teacher', 'workdir')
     teacher = args.teacher
-    for k in range(cfg.distill.reflow_rounds):
+    for k in range(cfg.redi.rounds):
       root = os.path.join(args.workdir, f'round{k}')
-      pairs = redi.generate(cfg, teacher, os.path.join(root, 'couplings'),
-                            seed_offset=k * cfg.distill.num_pairs)
+      pairs = couplings.generate(cfg, teacher, os.path.join(root, 'couplings'),
+                            seed_offset=k * cfg.redi.num_pairs)
       trainer.train(cfg, root, init_from=teacher, program=distillation.redi_program(pairs))
       teacher = root
     if jax.process_index() == 0:
-      print(f'done: {cfg.distill.reflow_rounds} ReDi round(s) of {cfg.distill.num_pairs:,} pairs '
+      print(f'done: {cfg.redi.rounds} ReDi round(s) of {cfg.redi.num_pairs:,} pairs '
             f'| final student {os.path.abspath(teacher)}')
 
 

@@ -1,6 +1,6 @@
 """ReDi coupling runs: the step sampler against reveal groups, on the same weights and inputs.
 
-  python bench/couplings.py --pairs 8192 --steps 128
+  python -m bench.couplings --pairs 8192 --steps 128     # from the repository root
 
 The synthetic experiment's network (2 x 64 DiT, L = 10, V_s = 64, D = 8; random weights: the
 number of reveal groups depends only on the schedule) with eps held fixed, as the experiment's
@@ -10,19 +10,16 @@ teachers run. Prints pairs/s of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from imdm_jax import noise, redi, reveal_groups, runtime, sampler, sampling, train_state
 
-from imdm_jax import noise, redi, reveal_groups, runtime, sampler, train_state  # pylint: disable=wrong-import-position
-from imdm_jax.synthetic import arms, task  # pylint: disable=wrong-import-position
-from imdm_jax.synthetic.settings import Setting  # pylint: disable=wrong-import-position
+from experiments.synthetic import arms, task
+from experiments.synthetic.settings import Setting
 
 
 def main() -> None:
@@ -35,16 +32,16 @@ def main() -> None:
   cfg = arms.config(s, imdm=True)
   scfg = sampler.SamplerConfig(steps=args.steps, fix_eps=True)  # the experiment's teachers
   assert reveal_groups.exact_for(cfg, scfg, imdm=True)
-  params = train_state.init_params(cfg, s.vocab, jax.random.PRNGKey(0))
-  denoiser = sampler.model_denoiser(params, train_state.model_graphdef(cfg, s.vocab), cfg)
+  params = train_state.init_params(cfg, jax.random.PRNGKey(0))
+  denoise = sampling.model_denoiser(train_state.model_graphdef(cfg), cfg, s.vocab)
   x = jnp.asarray(task.sequences(np.random.default_rng(0), s.batch, s.vocab, s.length))
   eps = noise.seeded_eps(jnp.arange(s.batch, dtype=jnp.int32), s.length, cfg)
   rates = {}
   for name, sample in (('step sampler', sampler.sample), ('reveal groups', reveal_groups.sample)):
-    def run(key, sample=sample):  # a coupling run from ReDi's inputs, as `redi.compile_coupler`
+    def run(key, sample=sample):  # a coupling run from ReDi's inputs, as `sampling.compile_coupler`
       k_in, k_run = jax.random.split(key)
-      z, t = redi.coupling_inputs(k_in, x, s.vocab, cfg.distill.full_mask_fraction)
-      return sample(denoiser, k_run, z, eps, mask_id=s.vocab, cfg=cfg, scfg=scfg, t0=t)[0]
+      z, t = redi.coupling_inputs(k_in, x, s.vocab, cfg.redi.full_mask_fraction)
+      return sample(denoise, params, k_run, z, eps, mask_id=s.vocab, cfg=cfg, scfg=scfg, t0=t)[0]
     with jax.enable_x64(scfg.float64):
       run = jax.jit(run)
       run(jax.random.PRNGKey(0)).block_until_ready()  # compile

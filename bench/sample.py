@@ -1,6 +1,6 @@
 """Sampling throughput: the compiled JAX sampler, cached vs uncached, vs the same loop in PyTorch.
 
-  python bench/sample.py --preset tiny --batch 32 --steps 8,32,128
+  python -m bench.sample --preset tiny --batch 32 --steps 8,32,128
 
 Prints, per step count, samples/s and tokens/s, the fraction of network calls the cache skipped,
 and (if torch is installed) the reference-style PyTorch loop (float64 draws, cached) on the same
@@ -11,22 +11,18 @@ but the cache does (a trained model reveals tokens in the same way; random weigh
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from imdm_jax import config as config_lib  # pylint: disable=wrong-import-position
-from imdm_jax import port, sampler, sharding, train_state  # pylint: disable=wrong-import-position
+from imdm_jax import config as config_lib
+from imdm_jax import sampler, sampling, sharding, train_state
 
 
 def random_params(cfg, mask_id):
-  params = train_state.init_params(cfg, mask_id, jax.random.PRNGKey(0))
+  params = train_state.init_params(cfg, jax.random.PRNGKey(0))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   return jax.tree.unflatten(treedef, [x + 0.02 * jax.random.normal(k, x.shape)
@@ -35,9 +31,9 @@ def random_params(cfg, mask_id):
 
 def bench_jax(cfg, params, mask_id, batch, steps, cache, reps=2):
   mesh = sharding.make_mesh(cfg.mesh)
-  graphdef = train_state.model_graphdef(cfg, mask_id)
-  run = sampler.compile_sampler(cfg, graphdef, mesh, sampler.SamplerConfig(steps=steps, cache=cache),
-                                mask_id)
+  graphdef = train_state.model_graphdef(cfg)
+  run = sampling.compile_sampler(cfg, graphdef, mesh,
+                                 sampler.SamplerConfig(steps=steps, cache=cache), mask_id)
   z = jnp.full((batch, cfg.data.seq_len), mask_id, jnp.int32)
   jax.block_until_ready(run(params, jax.random.PRNGKey(0), z))  # compile
   t0 = time.perf_counter()
@@ -48,12 +44,12 @@ def bench_jax(cfg, params, mask_id, batch, steps, cache, reps=2):
 
 def bench_torch(cfg, params, mask_id, batch, steps, reps=2):
   import torch  # pylint: disable=g-import-not-at-top
-  from imdm_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference, torch_weights  # pylint: disable=g-import-not-at-top
   model = torch_reference.DIT(cfg, mask_id).eval()
   model.load_state_dict({k: torch.from_numpy(np.array(v))
-                         for k, v in port.params_to_torch(params).items()}, strict=False)
+                         for k, v in torch_weights.params_to_torch(params).items()}, strict=False)
   grid = torch.linspace(1, sampler.T_MIN, steps + 1, dtype=torch.float64)
-  alpha = lambda t: 1 - (1 - cfg.diffusion.eps) * t
+  alpha = lambda t: 1 - (1 - cfg.diffusion.alpha_min) * t
 
   @torch.no_grad()
   def run():

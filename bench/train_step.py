@@ -1,10 +1,10 @@
 """Train-step throughput: tokens/s and model FLOP utilisation (MFU) per `model.dtype`, and the
 PyTorch reference network on the same batch (float32) as a baseline.
 
-  python bench/train_step.py --preset tiny
-  python bench/train_step.py --preset lm1b-small --batch 16 --steps 3
-  python bench/train_step.py --preset owt-small --dtypes float32,bfloat16 --no_torch  # accelerator
-  python bench/train_step.py --preset owt-small --batch 2 --seq 64 --steps 2 --no_torch  # CPU smoke
+  python -m bench.train_step --preset tiny
+  python -m bench.train_step --preset lm1b-small --batch 16 --steps 3
+  python -m bench.train_step --preset owt-small --dtypes float32,bfloat16 --no_torch  # accelerator
+  python -m bench.train_step --preset owt-small --batch 2 --seq 64 --steps 2 --no_torch  # CPU smoke
 
 Per dtype: ms/step, tokens/s, achieved FLOP/s by XLA's cost analysis of the compiled step
 (forward, backward, optimizer; what the device executes), and MFU = model FLOPs per step / step
@@ -24,17 +24,13 @@ SUBS NELBO, backward, clipping, AdamW, EMA.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from imdm_jax import config as config_lib  # pylint: disable=wrong-import-position
-from imdm_jax import port, sharding, train_state, train_step  # pylint: disable=wrong-import-position
+from imdm_jax import config as config_lib
+from imdm_jax import sharding, train_state, train_step
 
 
 # Peak dense TFLOP/s per chip: (bfloat16, float32 as XLA runs it by default). Vendor datasheets:
@@ -67,9 +63,9 @@ def model_flops(cfg, params) -> float:
 def bench_jax(cfg, batch, steps):
   mesh = sharding.make_mesh(cfg.mesh)
   mask_id = cfg.model.vocab_size - 1
-  state = train_state.init_state(cfg, mask_id, mesh)
-  graphdef = train_state.model_graphdef(cfg, mask_id)
-  step = train_step.compile_train_step(cfg, graphdef, mesh, state)
+  state = train_state.init_state(cfg, mesh)
+  graphdef = train_state.model_graphdef(cfg)
+  step = train_step.compile_train_step(cfg, graphdef, mesh, state, mask_id=mask_id)
   gbatch = sharding.to_global(batch, mesh)
   compiled = step.lower(state, gbatch).compile()
   cost = compiled.cost_analysis()
@@ -86,23 +82,23 @@ def bench_jax(cfg, batch, steps):
 
 def bench_torch(cfg, batch, steps, params):
   import torch  # pylint: disable=g-import-not-at-top
-  from imdm_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference, torch_weights  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   mask_id = cfg.model.vocab_size - 1
   model = torch_reference.DIT(cfg, mask_id).train()
   model.load_state_dict({k: torch.from_numpy(np.array(v))
-                         for k, v in port.params_to_torch(params).items()}, strict=False)
+                         for k, v in torch_weights.params_to_torch(params).items()}, strict=False)
   ema = [p.detach().clone() for p in model.parameters()]
   opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
   x = torch.from_numpy(batch['tokens']).long()
   valid = torch.from_numpy(batch['attention_mask']).float()
-  eps = cfg.diffusion.eps
+  alpha_min = cfg.diffusion.alpha_min
 
   def step(n):
     B = x.shape[0]
-    t = ((torch.rand(()) + torch.arange(B) / B) % 1) * (1 - eps) + eps
-    z = torch.where(torch.rand(x.shape) < (1 - eps) * t[:, None], mask_id, x)
+    t = ((torch.rand(()) + torch.arange(B) / B) % 1) * (1 - alpha_min) + alpha_min
+    z = torch.where(torch.rand(x.shape) < (1 - alpha_min) * t[:, None], mask_id, x)
     logits = model(z).float()
     logits[..., mask_id] += -1e6
     log_p = torch.log_softmax(logits, -1).gather(-1, x[..., None])[..., 0]

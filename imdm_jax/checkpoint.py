@@ -17,7 +17,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from imdm_jax import config as config_lib
+from imdm_jax import config as config_lib, files
 from imdm_jax.errors import UserError
 
 # Sections that define what a checkpoint *is*; a restore under different values is refused.
@@ -29,12 +29,11 @@ EXECUTION_MODEL_KEYS = ('dtype', 'remat')  # how the network runs, not what it i
 
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int = 2, save_every: int = 1):
+  def __init__(self, directory: str, keep: int = 2):
     self.directory = os.path.abspath(os.path.expanduser(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                             create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -68,14 +67,33 @@ class Checkpointer:
       data_iter.set_state(restored.data_position)
     return restored.state
 
-  def restore_part(self, name: str, abstract, step: int | None = None):
-    """One field of the saved state (e.g. 'ema'), restored into `abstract` without reading the
-    others from disk."""
+  def state_keys(self, step: int | None = None) -> set[str]:
+    """The top-level fields of the state saved at `step`: what kind of run wrote it (a
+    `TrainState`'s `ema`, `params`, ...; SDTT's `student`, `teacher`, `round`)."""
     step = self.latest_step() if step is None else step
-    item = {name: abstract}
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      return set(ocp.StandardCheckpointer().metadata(path).item_metadata.keys())
+    except (FileNotFoundError, ValueError, AttributeError) as e:
+      raise UserError(f'{path}: unreadable checkpoint metadata ({type(e).__name__})') from None
+
+  def restore_part(self, where: tuple[str, ...], abstract, step: int | None = None):
+    """One subtree of the saved state (e.g. ('ema',) or ('student', 'ema')), restored into
+    `abstract` without reading the rest from disk. Refuses, rather than returns, a subtree the
+    checkpoint does not hold (orbax would hand back the abstract placeholders)."""
+    step = self.latest_step() if step is None else step
+    item = abstract
+    for name in reversed(where):
+      item = {name: item}
     args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item))
-    return self._manager.restore(step, args=ocp.args.Composite(state=args)).state[name]
+    part = self._manager.restore(step, args=ocp.args.Composite(state=args)).state
+    for name in where:
+      part = part[name]
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(part)):
+      raise UserError(f'checkpoint {step} in {self.directory} holds no {"/".join(where)} of the '
+                      'expected structure')
+    return part
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -100,9 +118,5 @@ def check_compatible(saved: config_lib.Config, cfg: config_lib.Config, where: st
 
 def write_json_atomic(path: str, obj) -> None:
   """Only process 0 writes; a crash mid-write leaves the old file (rename is atomic)."""
-  if jax.process_index() != 0:
-    return
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))

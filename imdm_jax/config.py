@@ -16,7 +16,7 @@ from imdm_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The MDLM DiT (reference_checkpoints.md). `noise_dim > 0` adds the IMDM mask-noise MLP."""
+  """The MDLM DiT (docs/conversion.md). `noise_dim > 0` adds the IMDM mask-noise MLP."""
   vocab_size: int = 2049  # V, the mask token included
   hidden_size: int = 128  # d
   n_blocks: int = 4
@@ -31,6 +31,15 @@ class ModelConfig:
   dtype: str = 'float32'  # or 'bfloat16': matmuls in bf16; params, norms, softmax, loss in fp32
   remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
 
+  def validate(self) -> None:
+    if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
+      raise UserError(f'model.hidden_size={self.hidden_size} must split into model.n_heads='
+                      f'{self.n_heads} heads of even size (rotary embeddings)')
+    if self.noise_dim < 0:
+      raise UserError(f'model.noise_dim must be >= 0, got {self.noise_dim}')
+    _one_of('model.arch', self.arch, ARCHS)
+    _one_of('model.dtype', self.dtype, DTYPES)
+
 
 NOISE_TYPES = ('uniform', 'normal', 'learnable')
 ARCHS = ('dit', 'gpt2')
@@ -39,11 +48,20 @@ DTYPES = ('float32', 'bfloat16')
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-  eps: float = 1e-3  # alpha(1) = eps; t is sampled in [eps, 1)
+  # the alpha floor: alpha(1) = alpha_min, and training times are drawn in [alpha_min, 1)
+  # (named apart from eps, which is the IMDM mask noise everywhere else)
+  alpha_min: float = 1e-3
   antithetic: bool = True
   noise_type: str = 'uniform'  # IMDM eps: U[-1, 1)^D, N(0, I), or learnable mu + sigma N(0, I)
   noise_scale: float = 1.0  # eps is multiplied by this (must be 1 for 'learnable')
   num_mask_states: int = 0  # K > 0: the finite-mask ablation (K = 1 is exactly MDLM)
+
+  def validate(self) -> None:
+    _one_of('diffusion.noise_type', self.noise_type, NOISE_TYPES)
+    if self.noise_type == 'learnable' and self.noise_scale != 1.0:
+      raise UserError('diffusion.noise_scale must be 1 with learnable noise (sigma is learned)')
+    if self.num_mask_states < 0:
+      raise UserError(f'diffusion.num_mask_states must be >= 0, got {self.num_mask_states}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +77,21 @@ class DataConfig:
   text_key: str = 'text'  # the text feature of a tfds or .jsonl source
   data_dir: str = '~/.cache/imdm_jax'
 
+  def validate(self) -> None:
+    for key in ('data_dir', 'tokenizer_path'):
+      if '://' in getattr(self, key):  # see runtime.refuse_remote_paths
+        raise UserError(f'data.{key}={getattr(self, key)!r}: remote URLs are not supported; use '
+                        'a local path or a mounted bucket (e.g. gcsfuse)')
+    if self.seq_len < 3:
+      raise UserError(f'data.seq_len={self.seq_len} is too short for BOS + token + EOS')
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   lr: float = 3e-4
   warmup_steps: int = 2500  # linear warm-up, then constant
   # > warmup_steps: after the warm-up, decay linearly to 0 at this step (an annealed end sharpens
-  # what Adam's noise at a constant rate blurs; README, synthetic results). 0: stay constant
+  # what Adam's noise at a constant rate blurs; docs/results_synthetic.md). 0: stay constant
   decay_steps: int = 0
   b1: float = 0.9
   b2: float = 0.999
@@ -73,6 +99,11 @@ class OptimConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   ema_decay: float = 0.9999
+
+  def validate(self) -> None:
+    if self.decay_steps and self.decay_steps <= max(self.warmup_steps, 1):
+      raise UserError(f'optim.decay_steps={self.decay_steps} must exceed optim.warmup_steps='
+                      f'{self.warmup_steps} (or be 0: no decay)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,36 +118,64 @@ class TrainConfig:
   keep_checkpoints: int = 2
   grad_accum: int = 1  # micro-batches per step, run one after another (same update, less memory)
 
+  def validate(self) -> None:
+    _at_least(self, 'train', 1, 'batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every',
+              'grad_accum')
+    if self.batch_size % self.grad_accum:
+      raise UserError(f'train.batch_size={self.batch_size} is not divisible by '
+                      f'train.grad_accum={self.grad_accum}')
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = -1  # -1: all devices not used by the other axis
   fsdp: int = 1
 
+  def validate(self) -> None:
+    pass  # checked against the devices by sharding.make_mesh
+
 
 DIVERGENCES = ('kl-bwd', 'kl-fwd', 'mse', 'tvd')
-TEACHER_GRIDS = ('intended', 'wide', 'slip')  # sdtt.teacher_steps documents each
+TEACHER_GRIDS = ('intended', 'wide', 'slip')  # sdtt.two_teacher_steps documents each
+FINAL_MODES = ('ancestral', 'greedy')
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
-  """SDTT (method.md §3) and ReDi (§4). Used by `distill.py` only."""
-  # SDTT: round r distils a teacher of step (1 - eps)/teacher_base_steps * 2^r into a student of
-  # twice that step
+class SdttConfig:
+  """SDTT (docs/method.md §3): round r distils a teacher of step (1 - alpha_min)/base_steps * 2^r
+  into a student of twice that step. Used by `distill.py sdtt` only."""
   round_steps: int = 10_000
   num_rounds: int = 7
   divergence: str = 'kl-bwd'  # KL(student || teacher); or kl-fwd, mse (log-probs), tvd
-  teacher_grid: str = 'intended'  # t -> t-dt -> t-2dt; or 'wide', 'slip' (sdtt.teacher_steps)
-  teacher_base_steps: int = 1024  # round 0's teacher steps (fewer: a coarse teacher, small tasks)
-  # ReDi: couplings (z_T, x_hat_0, t, seed) from the current model, then rectification
+  teacher_grid: str = 'intended'  # t -> t-dt -> t-2dt; or 'wide', 'slip' (sdtt.two_teacher_steps)
+  base_steps: int = 1024  # round 0's teacher sampler steps (fewer: a coarse teacher, small tasks)
+
+  def validate(self) -> None:
+    _one_of('sdtt.divergence', self.divergence, DIVERGENCES)
+    _one_of('sdtt.teacher_grid', self.teacher_grid, TEACHER_GRIDS)
+    _at_least(self, 'sdtt', 1, 'round_steps', 'num_rounds', 'base_steps')
+
+
+@dataclasses.dataclass(frozen=True)
+class RediConfig:
+  """ReDi (docs/method.md §4): couplings (z_T, x_hat_0, t, seed) from the current model, then
+  rectification on them. Used by `distill.py redi-generate / redi-train / redi` only."""
   num_pairs: int = 100_000
-  teacher_steps: int = 1024  # sampler steps of the coupling run
-  teacher_temperature: float = 1.0
-  teacher_final: str = 'ancestral'  # 'greedy': argmax at the last step
-  teacher_fix_eps: bool = False  # hold the starting eps through the coupling run
+  sampler_steps: int = 1024  # steps of the coupling run's sampler
+  temperature: float = 1.0
+  final: str = 'ancestral'  # 'greedy': argmax at the last step
+  fix_eps: bool = False  # hold the starting eps through the coupling run
   full_mask_fraction: float = 0.0  # share of pairs with t = 1 (the rest t ~ U(0, 1))
   ignore_seed: bool = False  # rectify with fresh eps instead of the pair's seeded eps (ablation)
-  reflow_rounds: int = 1  # round k + 1 re-couples from the round-k student
+  rounds: int = 1  # `distill.py redi`: round k + 1 re-couples from the round-k student
+
+  def validate(self) -> None:
+    _at_least(self, 'redi', 1, 'num_pairs', 'sampler_steps', 'rounds')
+    _one_of('redi.final', self.final, FINAL_MODES)
+    if not self.temperature > 0:
+      raise UserError(f'redi.temperature={self.temperature} must be > 0')
+    if not 0.0 <= self.full_mask_fraction <= 1.0:
+      raise UserError(f'redi.full_mask_fraction={self.full_mask_fraction} must be in [0, 1]')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +186,29 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
-  distill: DistillConfig = DistillConfig()
+  sdtt: SdttConfig = SdttConfig()
+  redi: RediConfig = RediConfig()
+
+  def validate(self) -> None:
+    """Each section checks itself; then what spans sections."""
+    for f in dataclasses.fields(self):
+      getattr(self, f.name).validate()
+    if self.model.arch == 'gpt2' and (self.model.noise_dim or self.diffusion.num_mask_states):
+      raise UserError('model.arch=gpt2 is autoregressive: it takes no IMDM mask noise')
+    if self.diffusion.num_mask_states and self.model.noise_dim:
+      raise UserError('diffusion.num_mask_states (finite mask) and model.noise_dim (continuous '
+                      'eps) are alternatives: set one of them to 0')
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise UserError(f'{key}={value!r}: expected one of {", ".join(allowed)}')
+
+
+def _at_least(section, name: str, low: int, *keys: str) -> None:
+  for key in keys:
+    if getattr(section, key) < low:
+      raise UserError(f'{name}.{key} must be >= {low}, got {getattr(section, key)}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,67 +248,48 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
   return cfg
 
 
-def resolve(preset_name: str, overrides: list[str] = ()) -> Config:
+def resolve(preset_name: str, overrides: typing.Sequence[str] = ()) -> Config:
   from imdm_jax.presets import PRESETS  # pylint: disable=g-import-not-at-top  # presets import us
   if preset_name not in PRESETS:
     raise UserError(f'unknown preset {preset_name!r}; known: {", ".join(sorted(PRESETS))}')
   cfg = apply_overrides(PRESETS[preset_name](), list(overrides))
-  validate(cfg)
+  cfg.validate()
   return cfg
-
-
-def validate(cfg: Config) -> None:
-  m = cfg.model
-  for key in ('data_dir', 'tokenizer_path'):
-    if '://' in getattr(cfg.data, key):  # see runtime.refuse_remote_paths
-      raise UserError(f'data.{key}={getattr(cfg.data, key)!r}: remote URLs are not supported; use '
-                      'a local path or a mounted bucket (e.g. gcsfuse)')
-  if m.hidden_size % m.n_heads or (m.hidden_size // m.n_heads) % 2:
-    raise UserError(f'model.hidden_size={m.hidden_size} must split into model.n_heads={m.n_heads} '
-                    'heads of even size (rotary embeddings)')
-  d = cfg.diffusion
-  if d.noise_type not in NOISE_TYPES:
-    raise UserError(f'diffusion.noise_type={d.noise_type!r}: expected one of {", ".join(NOISE_TYPES)}')
-  if d.noise_type == 'learnable' and d.noise_scale != 1.0:
-    raise UserError('diffusion.noise_scale must be 1 with learnable noise (sigma is learned)')
-  if d.num_mask_states < 0 or m.noise_dim < 0:
-    raise UserError('diffusion.num_mask_states and model.noise_dim must be >= 0')
-  if m.arch not in ARCHS:
-    raise UserError(f'model.arch={m.arch!r}: expected one of {", ".join(ARCHS)}')
-  if m.arch == 'gpt2' and (m.noise_dim or d.num_mask_states):
-    raise UserError('model.arch=gpt2 is autoregressive: it takes no IMDM mask noise')
-  if d.num_mask_states and m.noise_dim:
-    raise UserError('diffusion.num_mask_states (finite mask) and model.noise_dim (continuous eps) '
-                    'are alternatives: set one of them to 0')
-  if cfg.distill.divergence not in DIVERGENCES:
-    raise UserError(f'distill.divergence={cfg.distill.divergence!r}: expected one of '
-                    f'{", ".join(DIVERGENCES)}')
-  if cfg.distill.teacher_grid not in TEACHER_GRIDS:
-    raise UserError(f'distill.teacher_grid={cfg.distill.teacher_grid!r}: expected one of '
-                    f'{", ".join(TEACHER_GRIDS)}')
-  if min(cfg.distill.round_steps, cfg.distill.num_rounds, cfg.distill.teacher_base_steps) < 1:
-    raise UserError('distill.round_steps, num_rounds and teacher_base_steps must be >= 1')
-  if cfg.optim.decay_steps and cfg.optim.decay_steps <= max(cfg.optim.warmup_steps, 1):
-    raise UserError(f'optim.decay_steps={cfg.optim.decay_steps} must exceed optim.warmup_steps='
-                    f'{cfg.optim.warmup_steps} (or be 0: no decay)')
-  if cfg.data.seq_len < 3:
-    raise UserError(f'data.seq_len={cfg.data.seq_len} is too short for BOS + token + EOS')
-  if m.dtype not in DTYPES:
-    raise UserError(f'model.dtype={m.dtype!r}: expected one of {", ".join(DTYPES)}')
-  for name in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every', 'grad_accum'):
-    if getattr(cfg.train, name) < 1:
-      raise UserError(f'train.{name} must be >= 1, got {getattr(cfg.train, name)}')
-  if cfg.train.batch_size % cfg.train.grad_accum:
-    raise UserError(f'train.batch_size={cfg.train.batch_size} is not divisible by '
-                    f'train.grad_accum={cfg.train.grad_accum}')
 
 
 def to_dict(cfg: Config) -> dict:
   return dataclasses.asdict(cfg)
 
 
+# Saved configs from before the `distill` section split and the `diffusion.eps` rename still load
+# (converted and trained runs on disk): old key -> (section, new key).
+_RENAMED = {
+    ('diffusion', 'eps'): ('diffusion', 'alpha_min'),
+    **{('distill', k): ('sdtt', k) for k in ('round_steps', 'num_rounds', 'divergence',
+                                               'teacher_grid')},
+    ('distill', 'teacher_base_steps'): ('sdtt', 'base_steps'),
+    ('distill', 'teacher_steps'): ('redi', 'sampler_steps'),
+    ('distill', 'teacher_temperature'): ('redi', 'temperature'),
+    ('distill', 'teacher_final'): ('redi', 'final'),
+    ('distill', 'teacher_fix_eps'): ('redi', 'fix_eps'),
+    ('distill', 'reflow_rounds'): ('redi', 'rounds'),
+    **{('distill', k): ('redi', k) for k in ('num_pairs', 'full_mask_fraction', 'ignore_seed')},
+}
+
+
+def _upgrade(d: dict) -> dict:
+  out = {}
+  for section, values in d.items():
+    for key, value in values.items():
+      new_section, new_key = _RENAMED.get((section, key), (section, key))
+      out.setdefault(new_section, {})[new_key] = value
+  return out
+
+
 def from_dict(d: dict) -> Config:
-  """Rebuilds a Config saved by `to_dict`; keys this version does not know are an error."""
+  """Rebuilds a Config saved by `to_dict` (or by a version before the key renames of
+  `_RENAMED`); keys this version does not know are an error."""
+  d = _upgrade(d)
   sections = {}
   for f in dataclasses.fields(Config):
     cls = typing.get_type_hints(Config)[f.name]
@@ -236,6 +298,9 @@ def from_dict(d: dict) -> Config:
     if unknown:
       raise UserError(f'saved config has unknown key {f.name}.{sorted(unknown)[0]}')
     sections[f.name] = cls(**values)
+  unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
+  if unknown:
+    raise UserError(f'saved config has unknown section {sorted(unknown)[0]}')
   return Config(**sections)
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imdm_jax import redi, sdtt, train_state, trainer
+from imdm_jax import couplings as couplings_lib, sdtt, train_state, train_step, trainer
 from imdm_jax.config import Config
 from imdm_jax.data import store
 from imdm_jax.errors import UserError
@@ -18,22 +18,22 @@ def sdtt_program(cfg: Config) -> trainer.Program:
   zero-initialised noise path), the teacher is a copy of them; rounds advance by step count, so a
   run resumed mid-round continues that round with the saved teacher."""
 
-  def init(cfg, mask_id, mesh, teacher):
+  def init(cfg, mesh, teacher):
     if not teacher:
       raise UserError('SDTT needs --teacher CHECKPOINT (an MDLM or IMDM run or conversion)')
-    student = trainer.TRAIN.init(cfg, mask_id, mesh, teacher)
+    student = trainer.TRAIN.init(cfg, mesh, teacher)
     return sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
                           round=jnp.zeros((), jnp.int32))
 
-  def abstract(cfg, mask_id, mesh: Mesh):
-    student = train_state.abstract_state(cfg, mask_id, mesh)
+  def abstract(cfg, mesh: Mesh):
+    student = train_state.abstract_state(cfg, mesh)
     round_ = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     return sdtt.SdttState(student=student, teacher=student.params, round=round_)
 
   def before_step(state: sdtt.SdttState, step: int) -> sdtt.SdttState:  # step: 1-based
-    return sdtt.advance_rounds(state, step - 1, cfg.distill.round_steps)
+    return sdtt.advance_rounds(state, step - 1, cfg.sdtt.round_steps)
 
-  return trainer.Program(data=store.prepare, init=init, abstract=abstract, step=sdtt.sdtt_step,
+  return trainer.Program(data=store.prepare, init=init, abstract=abstract, step=train_step.sdtt_step,
                          student=lambda state: state.student, before_step=before_step)
 
 
@@ -43,13 +43,13 @@ def redi_program(couplings: str) -> trainer.Program:
 
   def data(cfg):
     real = store.prepare(cfg)
-    pairs = redi.load(couplings, cfg, real.tokenizer.name)
+    pairs = couplings_lib.load(couplings, cfg, real.tokenizer.name)
     return store.Dataset(real.tokenizer, pairs, real.validation, couplings)
 
-  def init(cfg, mask_id, mesh, start):
+  def init(cfg, mesh, start):
     if not start:
       raise UserError('ReDi training needs --init CHECKPOINT (the model that made the couplings)')
-    return trainer.TRAIN.init(cfg, mask_id, mesh, start)
+    return trainer.TRAIN.init(cfg, mesh, start)
 
   return trainer.Program(data=data, init=init, abstract=train_state.abstract_state,
-                         step=redi.redi_step)
+                         step=train_step.redi_step)

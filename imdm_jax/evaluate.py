@@ -1,4 +1,4 @@
-"""Sample quality (method.md §6): generative perplexity under a causal LM, and unigram entropy.
+"""Sample quality (docs/method.md §6): generative perplexity under a causal LM, and unigram entropy.
 
 Gen PPL protocol: decode each sample, re-tokenize it with the evaluator's tokenizer (documents
 inside a wrapped sample stay separated by the evaluator's EOS), prepend its BOS, truncate to its
@@ -63,7 +63,7 @@ class Evaluator:
       raise UserError(f'--evaluator {path}: a causal LM checkpoint (model.arch=gpt2) is needed, '
                       f'this one is {ckpt_cfg.model.arch!r}')
     tok = store.load_tokenizer(ckpt_cfg)
-    params, _ = init_from.load_ema(path, tok.mask_id, mesh)
+    params = init_from.load_weights(path, mesh).params
     return cls(params, ckpt_cfg, tok, mesh)
 
   def encode(self, samples: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +109,7 @@ class Evaluator:
 @functools.cache
 def _scorer(cfg: Config):
   """One compiled scorer per evaluator config; shardings come from the arguments."""
-  graphdef = train_state.model_graphdef(cfg, 0)
+  graphdef = train_state.model_graphdef(cfg)
 
   @jax.jit
   def score(params, rows, counted):

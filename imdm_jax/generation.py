@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from imdm_jax import evaluate, init_from, noise, sampler, sharding, train_state, train_step, trainer
+from imdm_jax import (evaluate, files, init_from, noise, sampler, sampling, sharding, train_state,
+                      train_step, trainer)
 from imdm_jax.config import Config, MeshConfig
 from imdm_jax.data import store
 from imdm_jax.errors import UserError
@@ -40,13 +41,6 @@ class Request:
   scfg: sampler.SamplerConfig = sampler.SamplerConfig()
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def prefix_ids(cfg: Config, tok, prefix: str) -> list[int]:
   """[BOS] + the prefix's tokens, checked to fit and to be encodable."""
   if not prefix:
@@ -64,9 +58,10 @@ def _check(req: Request, n_dev: int) -> int:
   if not req.steps or min(req.steps) < 1:
     raise UserError(f'--steps must be >= 1, got {",".join(map(str, req.steps))}')
   batch = req.batch_size or min(req.num_samples, 64)
-  if req.num_samples < 1 or req.num_samples % batch or batch % n_dev:
-    raise UserError(f'--num_samples {req.num_samples} cannot be split into batches of {batch} '
-                    f'over {n_dev} devices (use a multiple of {n_dev})')
+  if req.num_samples < 1 or req.num_samples % batch:
+    raise UserError(f'--num_samples {req.num_samples} cannot be split into batches of {batch}')
+  sharding.rows_per_device(batch, n_dev, what='the sampling batch (--batch_size, or --num_samples '
+                           'up to 64)')
   return batch
 
 
@@ -81,8 +76,9 @@ def run(req: Request) -> dict:
   tok = store.load_tokenizer(cfg)
   given = prefix_ids(cfg, tok, req.prefix)
   evaluator = evaluate.Evaluator.load(req.evaluator, mesh) if req.evaluator else None
-  params, _ = init_from.load_ema(req.checkpoint, tok.mask_id, mesh)
-  graphdef = train_state.model_graphdef(cfg, tok.mask_id)
+  params, _, what = init_from.load_weights(req.checkpoint, mesh)
+  say(f'sampling from {what}')
+  graphdef = train_state.model_graphdef(cfg)
   out = req.out or os.path.join(os.path.dirname(init_from.checkpoint_dir(req.checkpoint)),
                                 'samples')
   if is_main:
@@ -92,7 +88,7 @@ def run(req: Request) -> dict:
   results = []
   for steps in req.steps:
     scfg = dataclasses.replace(req.scfg, steps=steps)
-    run_sampler = sampler.compile_sampler(cfg, graphdef, mesh, scfg, tok.mask_id)
+    run_sampler = sampling.compile_sampler(cfg, graphdef, mesh, scfg, tok.mask_id)
     key = jax.random.PRNGKey(req.seed)
     ids, nfe = [], 0
     for b in tqdm(range(req.num_samples // batch), desc=f'{steps} steps', leave=False,
@@ -110,7 +106,7 @@ def run(req: Request) -> dict:
                          'seed': req.seed, 'index': i}) for i, (d, row) in enumerate(zip(docs, ids))]
     path = os.path.join(out, f'samples_steps{steps}.jsonl')
     if is_main:
-      _write_atomic(path, '\n'.join(lines) + '\n')
+      files.write_atomic(path, '\n'.join(lines) + '\n')
     row = {'steps': steps, 'num_samples': len(ids), 'entropy': evaluate.unigram_entropy(ids),
            'network_calls_per_batch': nfe / (req.num_samples // batch), 'samples': path}
     if evaluator is not None:  # on every process: the scorer is one program over all devices
@@ -125,8 +121,8 @@ def run(req: Request) -> dict:
   if req.nelbo:
     summary['val_nelbo_ppl'] = _validation_nelbo(cfg, graphdef, mesh, params, say)
   if is_main:
-    _write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
-    _write_atomic(os.path.join(out, 'metrics.md'), _table(results))
+    files.write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
+    files.write_atomic(os.path.join(out, 'metrics.md'), _table(results))
     _plot(results, os.path.join(out, 'metrics.png'))
   return summary
 
@@ -138,7 +134,8 @@ def _validation_nelbo(cfg: Config, graphdef, mesh, params, say=print) -> float |
   except UserError as e:
     say(f'validation NELBO skipped: {e}')
     return None
-  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, params)
+  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, params,
+                                         mask_id=data.tokenizer.mask_id)
   _, ppl = trainer.evaluate(eval_fn, params, data.validation, cfg, mesh)
   say(f'validation NELBO perplexity <= {ppl:.2f}')
   return ppl
@@ -167,7 +164,5 @@ def _plot(results: list[dict], path: str) -> None:
   axes[1].plot(steps, [r['entropy'] for r in results], 'o-')
   axes[1].set(xscale='log', xlabel='sampling steps', ylabel='unigram entropy (nats)')
   fig.tight_layout()
-  tmp = f'{path}.tmp{os.getpid()}.png'
-  fig.savefig(tmp, dpi=100)
+  files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
   plt.close(fig)
-  os.replace(tmp, path)

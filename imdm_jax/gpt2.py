@@ -19,7 +19,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from imdm_jax.config import Config
-from imdm_jax.model import compute_dtype, dropout, remat_blocks
+from imdm_jax.model import compute_dtype, dropout, remat_blocks, with_axes
 
 LN_EPS = 1e-5
 
@@ -37,9 +37,10 @@ class LayerNorm(nnx.Module):
     return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.weight[...] + self.bias[...]
 
 
-def _linear(rngs: nnx.Rngs, d_in: int, d_out: int, dtype: jnp.dtype,
+def _linear(rngs: nnx.Rngs, d_in: int, d_out: int, dtype: jnp.dtype, axes: tuple[str, str],
             std: float = 0.02) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
+  """The kernel `[d_in, d_out]` declares the logical `axes` (model.with_axes)."""
+  return nnx.Linear(d_in, d_out, kernel_init=with_axes(nnx.initializers.normal(std), *axes),
                     bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
 
@@ -47,8 +48,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d: int, n_heads: int, n_blocks: int, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.n_heads = n_heads
-    self.c_attn = _linear(rngs, d, 3 * d, dtype)
-    self.c_proj = _linear(rngs, d, d, dtype, std=0.02 / math.sqrt(2 * n_blocks))
+    self.c_attn = _linear(rngs, d, 3 * d, dtype, ('embed', 'qkv'))
+    self.c_proj = _linear(rngs, d, d, dtype, ('qkv', 'embed'), std=0.02 / math.sqrt(2 * n_blocks))
 
   def __call__(self, x: Float[Array, 'B L d']) -> Float[Array, 'B L d']:
     B, L, d = x.shape
@@ -62,8 +63,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, d: int, ratio: int, n_blocks: int, dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.c_fc = _linear(rngs, d, ratio * d, dtype)
-    self.c_proj = _linear(rngs, ratio * d, d, dtype, std=0.02 / math.sqrt(2 * n_blocks))
+    self.c_fc = _linear(rngs, d, ratio * d, dtype, ('embed', 'mlp'))
+    self.c_proj = _linear(rngs, ratio * d, d, dtype, ('mlp', 'embed'),
+                          std=0.02 / math.sqrt(2 * n_blocks))
 
   def __call__(self, x):
     return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
@@ -87,11 +89,13 @@ class Block(nnx.Module):
 class GPT2(nnx.Module):
   """Tokens `[B, L]` -> next-token logits `[B, L, V]` (position i predicts token i + 1)."""
 
-  def __init__(self, cfg: Config, mask_id: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
     m = cfg.model
-    del mask_id  # an autoregressive model has no mask token
-    self.wte = nnx.Param(0.02 * jax.random.normal(rngs.params(), (m.vocab_size, m.hidden_size)))
-    self.wpe = nnx.Param(0.01 * jax.random.normal(rngs.params(), (cfg.data.seq_len, m.hidden_size)))
+    normal = lambda std: lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+    self.wte = nnx.Param(with_axes(normal(0.02), 'vocab', 'embed')(
+        rngs.params(), (m.vocab_size, m.hidden_size), jnp.float32))
+    self.wpe = nnx.Param(with_axes(normal(0.01), 'pos', 'embed')(
+        rngs.params(), (cfg.data.seq_len, m.hidden_size), jnp.float32))
     self.h = nnx.List([Block(m.hidden_size, m.n_heads, m.mlp_ratio, m.n_blocks, m.dropout,
                              compute_dtype(m), rngs) for _ in range(m.n_blocks)])
     self.ln_f = LayerNorm(m.hidden_size)

@@ -1,7 +1,12 @@
-"""Initialising a run from another run's (or a converted) checkpoint: `train.py --init_from`.
+"""The weights of a run, for every program that takes one, and `train.py --init_from`.
 
-The EMA weights of the source become the new run's weights and the start of its EMA; the
-optimizer, step and data order start fresh. Parameters the source lacks are allowed only where
+Any run directory is a source: what `train.py`, `distill.py sdtt / redi-train / redi` or
+`convert.py` wrote (`load_weights`). Each kind keeps the weights a consumer wants in its own place
+(a train state's EMA, the SDTT student's EMA, a ReDi run's last round), and the consumer says which
+it took.
+
+With `--init_from`, the source's weights become the new run's weights and the start of its EMA;
+the optimizer, step and data order start fresh. Parameters the source lacks are allowed only where
 the new model extends the old one with the IMDM mask-noise path, which starts at zero so that step
 0 computes exactly the source model. Anything else that differs is refused, naming the first
 mismatching parameter.
@@ -9,20 +14,32 @@ mismatching parameter.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from imdm_jax import checkpoint, sharding, train_state
+from imdm_jax import checkpoint, model, sharding, train_state
 from imdm_jax.config import Config
 from imdm_jax.errors import UserError
 
-NEW_PARAMETER_PREFIXES = ('vocab_embed/imdm_mlp/', 'vocab_embed/imdm_states/')
+# Where each kind of run keeps the weights to take, by the top-level fields of its saved state: a
+# train, ReDi or converted run holds a TrainState, an SDTT run its student, teacher and round.
+_WEIGHTS = ((('student', 'ema'), "the SDTT student's EMA weights"),
+            (('ema',), 'the EMA weights'))
 
 
-def _flat(tree) -> dict[str, jax.Array]:
+class Weights(NamedTuple):
+  params: train_state.Params
+  config: Config
+  what: str  # which weights of which checkpoint: what the consumer says it took
+
+
+def _flat(tree) -> dict[str, Any]:  # leaves: jax or numpy arrays, or ShapeDtypeStructs
   return {sharding.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -33,7 +50,7 @@ def graft(target: train_state.Params, source: train_state.Params, where: str) ->
     if name not in tgt:
       raise UserError(f'{where}: checkpoint parameter {name} has no counterpart in this model')
     if name not in src:
-      if not name.startswith(NEW_PARAMETER_PREFIXES):
+      if not name.startswith(model.NOISE_PATH_PREFIXES):
         raise UserError(f'{where}: this model has parameter {name}, the checkpoint does not')
       continue
     if tgt[name].shape != src[name].shape:
@@ -44,10 +61,17 @@ def graft(target: train_state.Params, source: train_state.Params, where: str) ->
 
 
 def checkpoint_dir(path: str) -> str:
-  """Accepts a run's workdir or its `checkpoints/` directory."""
+  """Accepts a run's workdir, its `checkpoints/` directory, or the workdir of `distill.py redi`
+  (its rounds `round{k}/`: the last one that holds checkpoints)."""
   path = os.path.abspath(os.path.expanduser(path))
   nested = os.path.join(path, 'checkpoints')
-  return nested if os.path.isdir(nested) else path
+  if os.path.isdir(nested):
+    return nested
+  rounds = [d for d in glob.glob(os.path.join(path, 'round*', 'checkpoints'))
+            if re.fullmatch(r'round\d+', os.path.basename(os.path.dirname(d)))]
+  if rounds:
+    return max(rounds, key=lambda d: int(os.path.basename(os.path.dirname(d))[5:]))
+  return path
 
 
 def _open(path: str) -> checkpoint.Checkpointer:
@@ -68,19 +92,27 @@ def saved_config(path: str) -> Config:
   return cfg
 
 
-def load_ema(path: str, mask_id: int, mesh: Mesh) -> tuple[train_state.Params, Config]:
-  """The EMA weights of the latest checkpoint under `path`, laid out on `mesh`."""
+def load_weights(path: str, mesh: Mesh) -> Weights:
+  """The weights of the latest checkpoint under `path` that a consumer takes (an EMA: see
+  `_WEIGHTS`), laid out on `mesh`, with the config they were saved with."""
   ckpt = _open(path)
-  saved = ckpt.saved_config()
-  # only the EMA is read: the raw weights and the optimizer's moments (3x more) stay on disk
-  ema = ckpt.restore_part('ema', train_state.abstract_state(saved, mask_id, mesh).ema)
+  step, saved, fields = ckpt.latest_step(), ckpt.saved_config(), ckpt.state_keys()
+  where, what = next(((w, s) for w, s in _WEIGHTS if w[0] in fields), (None, None))
+  if where is None:
+    ckpt.close()
+    raise UserError(f'{path}: checkpoint {step} holds no weights this program can read (its '
+                    f'state has {", ".join(sorted(fields))})')
+  # only these weights are read: the raw ones and the optimizer's moments (3x more) stay on disk
+  params = ckpt.restore_part(where, train_state.abstract_state(saved, mesh).ema)
   ckpt.close()
-  return ema, saved
+  return Weights(params, saved, f'{what} of {checkpoint_dir(path)} at step {step}')
 
 
-def initialise(state: train_state.TrainState, cfg: Config, path: str, mask_id: int,
+def initialise(state: train_state.TrainState, cfg: Config, path: str,
                mesh: Mesh) -> train_state.TrainState:
-  ema, saved = load_ema(path, mask_id, mesh)
+  ema, saved, what = load_weights(path, mesh)
+  if jax.process_index() == 0:
+    print(f'--init_from: {what}')
   if saved.model.vocab_size != cfg.model.vocab_size or saved.data.tokenizer != cfg.data.tokenizer:
     raise UserError(f'--init_from {path}: vocabulary {saved.data.tokenizer}/{saved.model.vocab_size}'
                     f' differs from this run\'s {cfg.data.tokenizer}/{cfg.model.vocab_size}')

@@ -1,7 +1,8 @@
 """Per-device memory of a training step, from shapes alone (nothing is allocated or compiled).
 
 The train state (parameters, EMA, optimizer moments, step, RNG) is counted exactly: the shapes of
-`train_state.abstract_state` split by the logical-axis rules of `sharding.py` on the given mesh.
+`train_state.abstract_state`, split on the given mesh as `sharding.py` lays out the logical axes
+each parameter declares.
 Activations are an estimate (`activation_bytes`): the tensors the backward pass keeps, counted
 per layer from the model's shapes. Works for a real `Mesh` and for a mesh you do not have, e.g.
 `jax.sharding.AbstractMesh((4, 64), sharding.AXES)` for 256 chips.
@@ -15,7 +16,7 @@ import math
 import jax
 from jax.sharding import AbstractMesh, Mesh
 
-from imdm_jax import train_state, train_step
+from imdm_jax import sharding, train_state
 from imdm_jax.config import Config
 from imdm_jax.model import compute_dtype
 
@@ -122,10 +123,9 @@ def activation_bytes(cfg: Config, micro_batch: int) -> int:
 def estimate(cfg: Config, mesh: Mesh | AbstractMesh) -> MemoryEstimate:
   """The memory of training `cfg` on `mesh` (a real mesh or an `AbstractMesh` of any size)."""
   n_devices = math.prod(mesh.shape.values())
-  micro_batch = train_step.rows_per_device(cfg, n_devices)
+  micro_batch = sharding.rows_per_device(cfg.train.batch_size, n_devices, cfg.train.grad_accum)
   local_batch = cfg.train.batch_size // n_devices
-  # The mask id only names a row of the embedding: any id gives the same shapes.
-  state = train_state.abstract_state(cfg, cfg.model.vocab_size - 1, mesh)
+  state = train_state.abstract_state(cfg, mesh)
   params = sharded_bytes(state.params)
   gathered = 0
   if mesh.shape['fsdp'] > 1:

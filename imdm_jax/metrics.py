@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import SupportsFloat
 
 import jax
 
@@ -23,7 +24,7 @@ class MetricWriter:
       except ImportError:
         pass
 
-  def write(self, step: int, values: dict[str, float]) -> None:
+  def write(self, step: int, values: dict[str, SupportsFloat]) -> None:  # floats, numpy/jax scalars
     if not self._active:
       return
     record = {'step': step, 'time': time.time(), **{k: float(v) for k, v in values.items()}}

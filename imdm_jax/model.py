@@ -1,14 +1,14 @@
 """The MDLM denoiser: a diffusion transformer ("DiT") with adaLN, rotary attention and SUBS output.
 
-Written from `reference_checkpoints.md`; attribute names mirror the PyTorch state-dict keys
+Written from `docs/conversion.md`; attribute names mirror the PyTorch state-dict keys
 (`blocks.{i}.attn_qkv`, `adaLN_modulation`, ...) so that `convert` maps each tensor 1:1 (PyTorch
 Linear weights are `[out, in]`, ours `[in, out]`). With `model.noise_dim > 0` the input embedding
-adds the IMDM mask-noise MLP `1[z = mask] * MLP(eps)` (method.md §2), with
+adds the IMDM mask-noise MLP `1[z = mask] * MLP(eps)` (docs/method.md §2), with
 `diffusion.num_mask_states = K > 0` the finite-mask ablation's table; otherwise the network is
 exactly MDLM. One class serves all three.
 
 Randomness is explicit: dropout takes a key at call time, so the module can be `nnx.merge`d
-inside a plain `jax.jit` + `jax.grad` (see stack_notes.md).
+inside a plain `jax.jit` + `jax.grad` (dropout keys are arguments, not module state).
 
 Mixed precision (`model.dtype='bfloat16'`): parameters stay float32 and every Linear casts its
 input and kernel to bfloat16, so matmuls and their outputs (q, k, v, the MLP) are bf16. As under
@@ -39,15 +39,26 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
   return jnp.dtype(cfg.dtype)
 
 
-def _torch_linear(rngs: nnx.Rngs, d_in: int, d_out: int, dtype: jnp.dtype, bias: bool = True,
-                  zero: bool = False, out_dtype: jnp.dtype | None = None) -> nnx.Linear:
+def with_axes(init: nnx.initializers.Initializer, *axes: str) -> nnx.initializers.Initializer:
+  """`init`, declaring the logical axes of the parameter it makes: one name per dimension
+  (`'embed'`, `'mlp'`, ...), kept as the parameter's `out_sharding` metadata. `sharding.py` reads
+  them and maps them to the mesh (`sharding.RULES`); a parameter that declares none (biases, norm
+  scales) is replicated. The names are logical, not mesh axes, so Flax must not shard the value
+  at creation (`eager_sharding=False`); the metadata changes nothing in the values."""
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _torch_linear(rngs: nnx.Rngs, d_in: int, d_out: int, dtype: jnp.dtype, axes: tuple[str, str],
+                  bias: bool = True, zero: bool = False,
+                  out_dtype: jax.typing.DTypeLike | None = None) -> nnx.Linear:
   """nn.Linear with PyTorch's default init (uniform, bound 1/sqrt(fan_in)), or all zeros,
-  computing in `dtype` (float32 parameters cast at use) and returning `out_dtype` if given."""
+  computing in `dtype` (float32 parameters cast at use) and returning `out_dtype` if given; the
+  kernel `[d_in, d_out]` declares the logical `axes`."""
   bound = 1.0 / math.sqrt(d_in)
   uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
   init = nnx.initializers.zeros if zero else uniform
-  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, bias_init=init, dtype=dtype,
-                    preferred_element_type=out_dtype, rngs=rngs)
+  return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=with_axes(init, *axes),
+                    bias_init=init, dtype=dtype, preferred_element_type=out_dtype, rngs=rngs)
 
 
 class LayerNorm(nnx.Module):
@@ -63,8 +74,8 @@ class LayerNorm(nnx.Module):
     return ((x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * self.weight[...]).astype(x.dtype)
 
 
-def modulate(x: Float[Array, 'B L d'], shift: Float[Array, 'B 1 d'],
-             scale: Float[Array, 'B 1 d']) -> Float[Array, 'B L d']:
+def modulate(x: Float[Array, 'B L d'], shift: Float[Array, '#B 1 d'],
+             scale: Float[Array, '#B 1 d']) -> Float[Array, 'B L d']:
   return x * (1.0 + scale) + shift
 
 
@@ -83,7 +94,7 @@ def timestep_features(sigma: Float[Array, 'B']) -> Float[Array, 'B 256']:
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def rotary_inv_freq(head_dim: int) -> Float[Array, 'Dh/2']:
+def rotary_inv_freq(head_dim: int) -> Float[Array, '{head_dim}//2']:
   return 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
@@ -144,8 +155,8 @@ class SigmaMap(nnx.Module):
   """`c = SiLU(MLP(freq(sigma)))` with `MLP = Linear(256 -> C) -> SiLU -> Linear(C -> C)`."""
 
   def __init__(self, cond_dim: int, dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.mlp_in = _torch_linear(rngs, FREQ_DIM, cond_dim, dtype)
-    self.mlp_out = _torch_linear(rngs, cond_dim, cond_dim, dtype)
+    self.mlp_in = _torch_linear(rngs, FREQ_DIM, cond_dim, dtype, ('freq', 'cond'))
+    self.mlp_out = _torch_linear(rngs, cond_dim, cond_dim, dtype, ('cond', 'cond'))
 
   def __call__(self, sigma: Float[Array, 'B']) -> Float[Array, 'B C']:
     return jax.nn.silu(self.mlp_out(jax.nn.silu(self.mlp_in(timestep_features(sigma)))))
@@ -162,10 +173,12 @@ class MaskNoiseEmbedding(nnx.Module):
   def __init__(self, noise_dim: int, hidden_size: int, learnable: bool, dtype: jnp.dtype,
                rngs: nnx.Rngs):
     init = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0, upper=2.0)
-    self.mlp_in = nnx.Linear(noise_dim, 4 * hidden_size, kernel_init=init,
+    self.mlp_in = nnx.Linear(noise_dim, 4 * hidden_size,
+                             kernel_init=with_axes(init, 'noise', 'mlp'),
                              bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(4 * hidden_size, hidden_size, use_bias=False,
-                              kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+                              kernel_init=with_axes(nnx.initializers.zeros, 'mlp', 'embed'),
+                              dtype=dtype, rngs=rngs)
     self.noise_mu = nnx.Param(jnp.zeros((noise_dim,))) if learnable else None
     self.noise_sigma = nnx.Param(jnp.ones((noise_dim,))) if learnable else None
 
@@ -192,14 +205,29 @@ class MaskStateEmbedding(nnx.Module):
     return jnp.take(table, state, axis=0)
 
 
+# The IMDM mask-noise path: the parameters an IMDM adds to an MDLM (absent from an MDLM; zero
+# output at init, so an IMDM made from an MDLM's weights computes that MDLM).
+NOISE_PATH_PREFIXES = ('vocab_embed/imdm_mlp/', 'vocab_embed/imdm_states/')
+
+
+def noise_output(params) -> Float[Array, '... d']:
+  """The layer that turns eps into the mask embedding: the noise MLP's last kernel `[4d, d]`, or
+  the finite-state table `[K, d]`. It starts at 0; its growth shows the network using eps."""
+  embed = params['vocab_embed']
+  if 'imdm_mlp' in embed:
+    return embed['imdm_mlp']['mlp_out']['kernel']
+  return embed['imdm_states']['embedding']
+
+
 class VocabEmbedding(nnx.Module):
-  """`E[z] + 1[z = mask] * noise_embedding(eps)` (method.md §2); just `E[z]` for MDLM."""
+  """`E[z] + 1[z = mask] * noise_embedding(eps)` (docs/method.md §2); just `E[z]` for MDLM."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     m = cfg.model
     bound = 1.0 / math.sqrt(m.hidden_size)  # torch's kaiming_uniform(a=sqrt(5)) on [V, d]
-    self.embedding = nnx.Param(jax.random.uniform(
-        rngs.params(), (m.vocab_size, m.hidden_size), jnp.float32, -bound, bound))
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    self.embedding = nnx.Param(with_axes(uniform, 'vocab', 'embed')(
+        rngs.params(), (m.vocab_size, m.hidden_size), jnp.float32))
     k = cfg.diffusion.num_mask_states
     self.imdm_mlp = (MaskNoiseEmbedding(m.noise_dim, m.hidden_size,
                                         cfg.diffusion.noise_type == 'learnable',
@@ -207,13 +235,14 @@ class VocabEmbedding(nnx.Module):
                      if m.noise_dim and not k else None)
     self.imdm_states = MaskStateEmbedding(k, m.hidden_size) if k else None
 
-  def __call__(self, z: Int[Array, 'B L'], mask_id: int,
+  def __call__(self, z: Int[Array, 'B L'], mask_id: int | None,
                eps: Float[Array, 'B L D'] | Int[Array, 'B L'] | None) -> Float[Array, 'B L d']:
     h = jnp.take(self.embedding[...], z, axis=0)
     noise = self.imdm_mlp or self.imdm_states
     if noise is not None:
-      if eps is None:
-        raise ValueError('an IMDM denoiser needs the mask noise eps ([B, L, D], or [B, L] states)')
+      if eps is None or mask_id is None:
+        raise ValueError('an IMDM denoiser needs the mask noise eps ([B, L, D], or [B, L] states) '
+                         'and mask_id')
       h = h + jnp.where((z == mask_id)[..., None], noise(eps), 0.0)
     return h
 
@@ -224,14 +253,15 @@ class DDiTBlock(nnx.Module):
     d, dtype = cfg.hidden_size, compute_dtype(cfg)
     self.n_heads, self.dropout, self.softcap = cfg.n_heads, cfg.dropout, cfg.attn_softcap
     self.norm1 = LayerNorm(d)
-    self.attn_qkv = _torch_linear(rngs, d, 3 * d, dtype, bias=False)
-    self.attn_out = _torch_linear(rngs, d, d, dtype, bias=False)
+    self.attn_qkv = _torch_linear(rngs, d, 3 * d, dtype, ('embed', 'qkv'), bias=False)
+    self.attn_out = _torch_linear(rngs, d, d, dtype, ('qkv', 'embed'), bias=False)
     self.norm2 = LayerNorm(d)
-    self.mlp_in = _torch_linear(rngs, d, cfg.mlp_ratio * d, dtype)
-    self.mlp_out = _torch_linear(rngs, cfg.mlp_ratio * d, d, dtype)
-    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 6 * d, dtype, zero=True)
+    self.mlp_in = _torch_linear(rngs, d, cfg.mlp_ratio * d, dtype, ('embed', 'mlp'))
+    self.mlp_out = _torch_linear(rngs, cfg.mlp_ratio * d, d, dtype, ('mlp', 'embed'))
+    self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 6 * d, dtype, ('cond', 'modulation'),
+                                          zero=True)
 
-  def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, 'B C'],
+  def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, '#B C'],
                dropout_key: PRNGKeyArray | None) -> Float[Array, 'B L d']:
     """`x` is the float32 residual stream; the branches it adds are in the compute dtype."""
     B, L, d = x.shape
@@ -257,12 +287,12 @@ class FinalLayer(nnx.Module):
     dtype = compute_dtype(cfg)
     self.norm_final = LayerNorm(cfg.hidden_size)
     # float32 logits from a bf16 matmul: accumulated and returned in float32
-    self.linear = _torch_linear(rngs, cfg.hidden_size, cfg.vocab_size, dtype, zero=True,
-                                out_dtype=jnp.float32)
+    self.linear = _torch_linear(rngs, cfg.hidden_size, cfg.vocab_size, dtype, ('embed', 'vocab'),
+                                zero=True, out_dtype=jnp.float32)
     self.adaLN_modulation = _torch_linear(rngs, cfg.cond_dim, 2 * cfg.hidden_size, dtype,
-                                          zero=True)
+                                          ('cond', 'modulation'), zero=True)
 
-  def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, 'B C']) -> Float[Array, 'B L V']:
+  def __call__(self, x: Float[Array, 'B L d'], c: Float[Array, '#B C']) -> Float[Array, 'B L V']:
     shift, scale = jnp.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
     return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -270,19 +300,22 @@ class FinalLayer(nnx.Module):
 class DiT(nnx.Module):
   """The denoiser network: tokens (and mask noise) in, raw logits `[B, L, V]` out."""
 
-  def __init__(self, cfg: Config, mask_id: int, rngs: nnx.Rngs):
-    self.cfg, self.mask_id = cfg.model, mask_id
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    self.cfg = cfg.model
     self.vocab_embed = VocabEmbedding(cfg, rngs)
     self.sigma_map = SigmaMap(cfg.model.cond_dim, compute_dtype(cfg.model), rngs)
     self.blocks = nnx.List([DDiTBlock(cfg.model, rngs) for _ in range(cfg.model.n_blocks)])
     self.output_layer = FinalLayer(cfg.model, rngs)
 
   def __call__(self, z_t: Int[Array, 'B L'], sigma: Float[Array, 'B'] | None = None,
-               eps: Float[Array, 'B L D'] | None = None,
+               eps: Float[Array, 'B L D'] | Int[Array, 'B L'] | None = None, *,
+               mask_id: int | None = None,
                dropout_key: PRNGKeyArray | None = None) -> Float[Array, 'B L V']:
     """`sigma` is only read when `time_conditioning`; otherwise the model sees sigma = 0, like the
-    released checkpoints, and `c` is one constant vector shared by the batch."""
-    x = self.vocab_embed(z_t, self.mask_id, eps)
+    released checkpoints, and `c` is one constant vector shared by the batch. `mask_id` (which
+    positions of `z_t` carry `eps`) is needed only by an IMDM: it belongs to the tokenizer, not to
+    the weights, so it is an argument rather than module state."""
+    x = self.vocab_embed(z_t, mask_id, eps)
     if self.cfg.time_conditioning:
       if sigma is None:
         raise ValueError('a time-conditioned denoiser needs sigma [B]')

@@ -1,4 +1,4 @@
-"""IMDM mask noise eps: the continuous part of the infinite mask state (method.md §2).
+"""IMDM mask noise eps: the continuous part of the infinite mask state (docs/method.md §2).
 
 eps is explicit state, drawn by pure functions: `[B, L, D]` floats, or `[B, L]` integer states in
 the finite-mask ablation. `seeded_eps` derives each sequence's eps from an integer seed alone

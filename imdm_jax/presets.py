@@ -29,7 +29,7 @@ def tiny() -> Config:
   """MDLM on the embedded World English Bible, CPU-sized (d=128, 4 blocks, L=128, V=2049).
 
   `python train.py` (the default). About 5 minutes on 2 CPU cores; validation NELBO perplexity
-  falls well below the corpus unigram perplexity (see README, Results).
+  falls well below the corpus unigram perplexity (docs/results_text.md).
   """
   return _with(Config(), optim=dict(lr=1e-3, warmup_steps=100))
 
@@ -98,7 +98,7 @@ def lm1b_small() -> Config:
 def owt_small() -> Config:
   """MDLM paper, OpenWebText: 12x768 DiT, L=1024 wrapped, GPT-2 BPE (V=50258), batch 512, 1M steps.
 
-  Export OpenWebText to `.jsonl` files (README, Data) then
+  Export OpenWebText to `.jsonl` files (docs/data.md) then
   `python train.py --preset owt-small --set data.source='text:/data/owt/*.jsonl'`.
   The paper reports validation NELBO perplexity <= 23.21 after 1M steps.
   """
@@ -128,14 +128,14 @@ def owt_small_imdm() -> Config:
 def _sdtt(cfg: Config, batch: int) -> Config:
   return _with(cfg, optim=dict(lr=6e-5, warmup_steps=500, grad_clip=1.0, ema_decay=0.9999),
                train=dict(batch_size=batch, log_every=100, eval_every=10_000, ckpt_every=5_000),
-               distill=dict(round_steps=10_000, num_rounds=7, divergence='kl-bwd'))
+               sdtt=dict(round_steps=10_000, num_rounds=7, divergence='kl-bwd'))
 
 
 def _redi(cfg: Config) -> Config:
   return _with(cfg, optim=dict(lr=3e-4, warmup_steps=500, ema_decay=0.9999),
                train=dict(batch_size=512, num_steps=50_000, log_every=100, eval_every=10_000,
                           ckpt_every=5_000),
-               distill=dict(num_pairs=100_000, teacher_steps=1024))
+               redi=dict(num_pairs=100_000, sampler_steps=1024))
 
 
 @preset

@@ -19,7 +19,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from imdm_jax import loss, schedule
 from imdm_jax.config import Config
-from imdm_jax.sampler import Denoiser, SamplerConfig, categorical, nucleus, time_grid
+from imdm_jax.loss import Denoise
+from imdm_jax.sampler import SamplerConfig, categorical, nucleus, time_grid
 
 
 def exact_for(cfg: Config, scfg: SamplerConfig, imdm: bool) -> bool:
@@ -27,11 +28,11 @@ def exact_for(cfg: Config, scfg: SamplerConfig, imdm: bool) -> bool:
   return not cfg.model.time_conditioning and (scfg.fix_eps or not imdm)
 
 
-def reveal_steps(key: PRNGKeyArray, z: Int[Array, 'B L'], grid: Float[Array, 'B S+1'],
-                 mask_id: int, alpha_eps: float) -> Int[Array, 'B L']:
+def reveal_steps(key: PRNGKeyArray, z: Int[Array, 'B L'], grid: Float[Array, 'B T'],
+                 mask_id: int, alpha_min: float) -> Int[Array, 'B L']:
   """The step (0 .. S-1) at which each masked position is revealed; S for given positions."""
   S = grid.shape[1] - 1
-  alpha = schedule.alpha(grid, alpha_eps)  # [B, S + 1]
+  alpha = schedule.alpha(grid, alpha_min)  # [B, S + 1]
   # P(revealed by the end of step k) = (a_{k+1} - a_0)/(1 - a_0); the last step ends at a = 1
   revealed_by = (alpha[:, 1:] - alpha[:, :1]) / (1.0 - alpha[:, :1])  # [B, S]
   revealed_by = revealed_by.at[:, -1].set(1.0)
@@ -40,17 +41,17 @@ def reveal_steps(key: PRNGKeyArray, z: Int[Array, 'B L'], grid: Float[Array, 'B 
   return jnp.where(z == mask_id, jnp.minimum(step, S - 1), S).astype(jnp.int32)
 
 
-def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, mask_id: int,
-           cfg: Config, scfg: SamplerConfig, t0: Float[Array, 'B'] | None = None
+def sample(denoise: Denoise, params, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *,
+           mask_id: int, cfg: Config, scfg: SamplerConfig, t0: Float[Array, 'B'] | None = None
            ) -> tuple[Int[Array, 'B L'], dict[str, Array]]:
   """`sampler.sample`'s contract (same arguments, same outputs; `resets` is always 0). Only for
   what `exact_for` accepts; `eps` is never re-drawn."""
   draw_dtype = jnp.float64 if scfg.float64 else jnp.float32
   (B, L), S = z.shape, scfg.steps
-  starts = jnp.full((B,), scfg.t0) if t0 is None else t0
+  starts = jnp.full((B,), 1.0) if t0 is None else t0
   grid = (starts[:, None] * time_grid(S)[None]).astype(draw_dtype)  # [B, S + 1]
   k_steps, k_draws = jax.random.split(key)
-  step = reveal_steps(k_steps, z, grid, mask_id, cfg.diffusion.eps)  # [B, L]
+  step = reveal_steps(k_steps, z, grid, mask_id, cfg.diffusion.alpha_min)  # [B, L]
 
   def body(carry, r):
     z, nfe = carry
@@ -58,7 +59,8 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
     t = jnp.take_along_axis(grid, jnp.minimum(group, S - 1)[:, None], 1)[:, 0]
     live = jnp.any(group < S)
     log_x = jax.lax.cond(  # the last rounds of a batch often have nothing left to reveal
-        live, lambda: loss.subs_log_probs(denoiser(z, eps, t) / scfg.temperature, z, mask_id),
+        live, lambda: loss.subs_log_probs(denoise(params, z, eps, t) / scfg.temperature, z,
+                                          mask_id),
         lambda: jnp.zeros((B, L, cfg.model.vocab_size), jnp.float32))  # [B, L, V]
     x_theta = jnp.exp(log_x.astype(draw_dtype))
     if scfg.top_p < 1.0:

@@ -34,7 +34,7 @@ def launched_as_multiprocess(environ: Mapping[str, str]) -> bool:
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
   """The flags of `setup_from_args`, one copy for every entry script."""
   cluster = parser.add_argument_group(
-      'multi-process', 'one process per host, each running the same command (README, Scaling out)')
+      'multi-process', 'one process per host, each running the same command (docs/scaling.md)')
   cluster.add_argument('--multihost', action='store_true',
                        help='join a multi-process job found by jax.distributed.initialize (TPU pod '
                             'slice, Slurm, Open MPI, Kubernetes); automatic under srun/mpirun with '

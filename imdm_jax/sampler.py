@@ -1,7 +1,8 @@
-"""The reverse process: ancestral MDLM and IMDM samplers, the whole loop one compiled program.
+"""The reverse process: ancestral MDLM and IMDM samplers, the whole loop one `lax.scan`
+(docs/method.md §1-§2). The math only; `sampling.py` compiles it over the device mesh.
 
-`sample(denoiser, ...)` is pure: `denoiser(z, eps, t) -> logits [B, L, V]` may be the DiT or an exact
-oracle (tests). Steps follow method.md §1-§2 on the grid `t_k = t0 * linspace(1, 1e-5, S + 1)`:
+`sample(denoise, params, ...)` is pure: `denoise(params, z_t, eps, t) -> logits [B, L, V]` may be
+the DiT or an exact oracle (tests). Steps run on the grid `t_k = t0 * linspace(1, 1e-5, S + 1)`:
 
 - MDLM: a masked position unmasks to `v` w.p. `(a_s - a_t)/(1 - a_t) x_theta[v]`, stays masked
   w.p. `(1 - a_s)/(1 - a_t)`; unmasked (and given) positions never change.
@@ -18,29 +19,22 @@ oracle (tests). Steps follow method.md §1-§2 on the grid `t_k = t0 * linspace(
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from imdm_jax import loss, noise, schedule, sharding
-from imdm_jax.config import Config
+from imdm_jax import loss, noise, schedule
+from imdm_jax.config import FINAL_MODES, Config
 from imdm_jax.errors import UserError
+from imdm_jax.loss import Denoise
 
 T_MIN = 1e-5
-FINAL_MODES = ('ancestral', 'greedy')
-
-# (z_t, eps or None, t [B]) -> logits; t matters only to time-conditioned networks
-Denoiser = Callable[[Int[Array, 'B L'], Array | None, Float[Array, 'B']], Float[Array, 'B L V']]
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   steps: int = 128
-  t0: float = 1.0  # start time, for a z_init that is already partly revealed (ReDi couplings)
   final: str = 'ancestral'  # or 'greedy': the last step takes the argmax
   float64: bool = True  # categorical draws in float64
   temperature: float = 1.0
@@ -48,9 +42,19 @@ class SamplerConfig:
   cache: bool = True  # reuse x_theta after a step that changed nothing
   fix_eps: bool = False  # IMDM: never re-draw eps (SDTT's teacher)
 
+  def validate(self, cfg: Config) -> None:
+    if self.steps < 1:
+      raise UserError(f'steps must be >= 1, got {self.steps}')
+    if self.final not in FINAL_MODES:
+      raise UserError(f'final={self.final!r}: expected one of {", ".join(FINAL_MODES)}')
+    if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+      raise UserError('need temperature > 0 and 0 < top_p <= 1')
+    if self.cache and cfg.model.time_conditioning:
+      raise UserError('the cached sampler needs a denoiser that ignores t (model.time_conditioning)')
 
-def time_grid(steps: int, t0: float = 1.0) -> Float[Array, 'S+1']:
-  return t0 * jnp.linspace(1.0, T_MIN, steps + 1)
+
+def time_grid(steps: int) -> Float[Array, '{steps}+1']:
+  return jnp.linspace(1.0, T_MIN, steps + 1)
 
 
 def categorical(key: PRNGKeyArray, probs: Float[Array, '... K']) -> Int[Array, '...']:
@@ -90,29 +94,41 @@ def transition_probs(x_theta: Float[Array, 'B L V'], alpha_t, alpha_s, mask_id: 
   return jnp.concatenate([probs, slot(stay - keep)[..., None]], -1)
 
 
-def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, mask_id: int,
-           cfg: Config, scfg: SamplerConfig, t0: Float[Array, 'B'] | None = None
+def reverse_step(key: PRNGKeyArray, z_t: Int[Array, 'B L'], x_theta: Float[Array, 'B L V'],
+                 alpha_t: Float[Array, 'B 1'], alpha_s: Float[Array, 'B 1'], mask_id: int,
+                 with_reset: bool) -> tuple[Int[Array, 'B L'], Array]:
+  """One step t -> s of the MDLM (`with_reset=False`) or IMDM posterior at every position.
+
+  A masked position is revealed as `v ~ x_theta`, stays masked with its eps, or (IMDM) stays
+  masked with a fresh eps; other positions are copied. Returns `z_s` and the bool `[B, L]` mask
+  of the positions whose eps is to be re-drawn (`noise.resample`).
+  """
+  draw = categorical(key, transition_probs(x_theta, alpha_t, alpha_s, mask_id, with_reset))
+  masked = z_t == mask_id
+  reset = masked & (draw == x_theta.shape[-1])  # the extra slot
+  return jnp.where(masked & ~reset, draw, z_t), reset
+
+
+def sample(denoise: Denoise, params, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *,
+           mask_id: int, cfg: Config, scfg: SamplerConfig, t0: Float[Array, 'B'] | None = None
            ) -> tuple[Int[Array, 'B L'], dict[str, Array]]:
   """Runs the reverse process from `z` (masks where unknown, tokens where given) to t = 0.
 
-  `t0`: per-sequence start times (ReDi couplings start each pair at its own t); default
-  `scfg.t0` for all.
-
+  `t0`: per-sequence start times (ReDi couplings start each pair at its own t); default 1.
   `eps`: the IMDM mask noise of z ([B, L, D] or [B, L] states), None for MDLM. Returns the
   samples and {'nfe': network calls, 'resets': eps re-draws, 'masks_per_step': [B, S] masks left
-  after each step}. Trace under
-  `jax.enable_x64(scfg.float64)` (see `compile_sampler`) for float64 draws.
+  after each step}. Trace under `jax.enable_x64(scfg.float64)` (`sampling.compile_sampler`
+  does) for float64 draws.
   """
-  imdm = eps is not None
-  with_reset = imdm and not scfg.fix_eps
+  with_reset = eps is not None and not scfg.fix_eps
   draw_dtype = jnp.float64 if scfg.float64 else jnp.float32
   B, L = z.shape
-  starts = jnp.full((B,), scfg.t0) if t0 is None else t0
+  starts = jnp.full((B,), 1.0) if t0 is None else t0
   grid = (starts[:, None] * time_grid(scfg.steps)[None]).astype(draw_dtype)  # [B, S + 1]
-  a_eps = cfg.diffusion.eps
+  alpha_min = cfg.diffusion.alpha_min
 
   def x_theta_of(z, eps, t):
-    return loss.subs_log_probs(denoiser(z, eps, t) / scfg.temperature, z, mask_id)
+    return loss.subs_log_probs(denoise(params, z, eps, t) / scfg.temperature, z, mask_id)
 
   def body(carry, k):
     z, eps, log_x, changed, nfe, resets = carry
@@ -123,17 +139,15 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
     else:
       log_x, nfe = x_theta_of(z, eps, grid[:, k]), nfe + 1
     last = k == scfg.steps - 1
-    alpha_t = schedule.alpha(grid[:, k], a_eps)[:, None]  # [B, 1]
-    alpha_s = jnp.where(last, 1.0, schedule.alpha(grid[:, k + 1], a_eps))[:, None]
+    alpha_t = schedule.alpha(grid[:, k], alpha_min)[:, None]  # [B, 1]
+    alpha_s = jnp.where(last, 1.0, schedule.alpha(grid[:, k + 1], alpha_min))[:, None]
     x_theta = jnp.exp(log_x.astype(draw_dtype))
     if scfg.top_p < 1.0:
       x_theta = nucleus(x_theta, scfg.top_p)
-    draw = categorical(k_draw, transition_probs(x_theta, alpha_t, alpha_s, mask_id, with_reset))
-    if scfg.final == 'greedy':
-      draw = jnp.where(last, jnp.argmax(log_x, axis=-1).astype(jnp.int32), draw)
-    masked = z == mask_id
-    reset = masked & (draw == x_theta.shape[-1])  # the extra slot
-    new_z = jnp.where(masked & ~reset, draw, z)
+    new_z, reset = reverse_step(k_draw, z, x_theta, alpha_t, alpha_s, mask_id, with_reset)
+    if scfg.final == 'greedy':  # the last step takes the argmax instead of a draw
+      greedy = jnp.where(z == mask_id, jnp.argmax(log_x, axis=-1).astype(jnp.int32), z)
+      new_z, reset = jnp.where(last, greedy, new_z), reset & ~last
     if with_reset:
       eps = noise.resample(k_eps, eps, reset, cfg)
     changed = jnp.any(new_z != z) | jnp.any(reset)
@@ -144,49 +158,3 @@ def sample(denoiser: Denoiser, key: PRNGKeyArray, z: Int[Array, 'B L'], eps, *, 
   init = (z, eps, log_x, jnp.array(True), jnp.int32(0), jnp.int32(0))
   (z, _, _, _, nfe, resets), masks = jax.lax.scan(body, init, jnp.arange(scfg.steps))
   return z, {'nfe': nfe, 'resets': resets, 'masks_per_step': masks.T}
-
-
-def validate(scfg: SamplerConfig, cfg: Config) -> None:
-  if scfg.steps < 1:
-    raise UserError(f'steps must be >= 1, got {scfg.steps}')
-  if scfg.final not in FINAL_MODES:
-    raise UserError(f'final={scfg.final!r}: expected one of {", ".join(FINAL_MODES)}')
-  if not 0.0 < scfg.t0 <= 1.0 or scfg.temperature <= 0 or not 0.0 < scfg.top_p <= 1.0:
-    raise UserError('need 0 < t0 <= 1, temperature > 0 and 0 < top_p <= 1')
-  if scfg.cache and cfg.model.time_conditioning:
-    raise UserError('the cached sampler needs a denoiser that ignores t (model.time_conditioning)')
-
-
-def model_denoiser(params, graphdef, cfg: Config) -> Denoiser:
-  model = nnx.merge(graphdef, params)
-
-  def denoiser(z, eps, t):
-    sigma = jnp.broadcast_to(schedule.sigma(t, cfg.diffusion.eps), (z.shape[0],))
-    sigma = sigma.astype(jnp.float32)
-    return model(z, sigma, eps)
-
-  return denoiser
-
-
-def compile_sampler(cfg: Config, graphdef, mesh: Mesh, scfg: SamplerConfig, mask_id: int):
-  """`run(params, key, z, eps) -> (samples, stats)`: the DiT sampler compiled over the mesh, the
-  batch split over all devices, traced in float64 mode when `scfg.float64`. Under several
-  processes every process calls it with the same `key`, `z` [B, L] and `eps` (the whole batch);
-  each feeds its own devices' rows and gets every sample back."""
-  validate(scfg, cfg)
-
-  def program(params, key, z, eps):
-    return sample(model_denoiser(params, graphdef, cfg), key, z, eps, mask_id=mask_id, cfg=cfg,
-                  scfg=scfg)
-
-  batch, everywhere = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  # the outputs are gathered onto every device, so each process can read them locally
-  jitted = jax.jit(program, out_shardings=everywhere)
-
-  def run(params, key, z, eps=None):
-    with jax.enable_x64(scfg.float64):
-      put = sharding.host_to_global
-      return jitted(params, put(key, everywhere), put(z, batch),
-                    None if eps is None else put(eps, batch))
-
-  return run

@@ -1,16 +1,17 @@
-"""SDTT: self-distillation through time (method.md §3), for MDLM and IMDM students.
+"""SDTT: self-distillation through time (docs/method.md §3), for MDLM and IMDM students.
 
 Round r (0-based) distils a frozen teacher taking two ancestral steps of size
-`dt_r = (1 - eps)/teacher_base_steps * 2^r` (`distill.teacher_base_steps`, 1024 by default) into a
+`dt_r = (1 - alpha_min)/base_steps * 2^r` (`sdtt.base_steps`, 1024 by default) into a
 student taking one step of size 2 dt_r: with the default 7 rounds a 1024-step sampler becomes an
 8-step one. The teacher is frozen within a round (no gradient, no optimizer state) and is
 replaced by the raw (non-EMA) student at each boundary.
 
-Per step: antithetic t, z_t by masking, one eps shared by teacher and student (IMDM), the
-teacher's two steps from z_t (`teacher_steps`: the grid) with eps held fixed (no resets), and a
-target per masked position: the teacher's x_theta from the step that revealed it, or from the
-last step if it is still masked. The student's SUBS distribution at z_t is pulled towards it by
-`distill.divergence`, averaged over the masked positions.
+Per step (`train_step.sdtt_step`): antithetic t, z_t by masking, one eps shared by teacher and
+student (IMDM), the teacher's two steps from z_t (`two_teacher_steps`: the grid) with eps held
+fixed (no resets), and a target per masked position: the teacher's x_theta from the step that
+revealed it, or from the last step if it is still masked (`teacher_targets`). The student's SUBS
+distribution at z_t is pulled towards it by `sdtt.divergence`, averaged over the masked
+positions (`sdtt_loss`).
 
 Teacher draws are exponential races whose Exp(1) variates come from 64 random bits each
 (`exponential_from_bits`): they resolve tails as finely as the samplers' float64 draws (finer,
@@ -22,18 +23,22 @@ trace fails (reductions built outside it keep float32 init values).
 
 from __future__ import annotations
 
+import typing
+
 import flax
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from imdm_jax import loss, masking, noise, sampler, schedule
-from imdm_jax.config import Config
+from imdm_jax import loss, sampler, schedule
+from imdm_jax.config import Config, SdttConfig
+from imdm_jax.loss import Denoise
 from imdm_jax.train_state import Params, TrainState
-from imdm_jax.train_step import Batch, accumulate_gradients, apply_gradients
 
 
+# Rebuilt by JAX with other leaves (ShapeDtypeStructs, shardings), as `TrainState`: its
+# constructor's annotations are not checked at run time (the jaxtyping hook of tests/conftest.py).
+@typing.no_type_check
 @flax.struct.dataclass
 class SdttState:
   student: TrainState
@@ -42,17 +47,16 @@ class SdttState:
 
 
 def teacher_dt(cfg: Config, round_: jax.Array) -> jax.Array:
-  d = cfg.distill
-  return (1.0 - cfg.diffusion.eps) / d.teacher_base_steps * 2.0 ** round_.astype(jnp.float32)
+  return (1.0 - cfg.diffusion.alpha_min) / cfg.sdtt.base_steps * 2.0 ** round_.astype(jnp.float32)
 
 
 Step = tuple[Float[Array, 'B'], Float[Array, 'B']]  # (start time, length): start -> start - length
 
 
-def teacher_steps(t: Float[Array, 'B'], dt: Float[Array, ''], grid: str) -> tuple[Step, Step]:
-  """The teacher's two ancestral steps from z_t (`distill.teacher_grid`), per sequence:
+def two_teacher_steps(t: Float[Array, 'B'], dt: Float[Array, ''], grid: str) -> tuple[Step, Step]:
+  """The teacher's two ancestral steps from z_t (`sdtt.teacher_grid`), per sequence:
 
-  - 'intended' (method.md §3): t -> t - dt, then t - dt -> t - 2dt.
+  - 'intended' (docs/method.md §3): t -> t - dt, then t - dt -> t - 2dt.
   - 'wide': t -> t - 2dt, then t - 2dt -> t - 4dt (our reading of the IMDM code's [t, t - 2dt]).
   - 'slip': the grid of the original SDTT code (jdeschena/sdtt,
     src/sdtt/core/distill/multi_round_sdtt.py, `MultiRoundSDTT._teacher_logprobs_on_mask`, with
@@ -66,7 +70,7 @@ def teacher_steps(t: Float[Array, 'B'], dt: Float[Array, ''], grid: str) -> tupl
     time; the starts are not snapped to any grid (the code's `T: 0`, continuous time). With
     t = 0.5 and dt = 0.1: 0.65 -> 0.55, then 0.15 -> 0.05 (intended: 0.5 -> 0.4 -> 0.3), so a
     masked position is revealed w.p. 0.1/0.65 then 0.1/0.15 instead of 0.1/0.5 then 0.1/0.4.
-    The code's dt_0 is (1 - 1e-5)/1024; ours uses `diffusion.eps` (1e-3) in its place.
+    The code's dt_0 is (1 - 1e-5)/1024; ours uses `diffusion.alpha_min` (1e-3) in its place.
 
   A step that would end below 0 ends at 0 (every masked position revealed).
   """
@@ -107,26 +111,24 @@ def categorical(key: PRNGKeyArray, probs: Float[Array, '... K']) -> Int[Array, '
   return jnp.argmax(probs / exponential(key, probs.shape), axis=-1).astype(jnp.int32)
 
 
-def teacher_targets(denoiser: sampler.Denoiser, key: PRNGKeyArray, z_t: Int[Array, 'B L'], eps,
-                    t: Float[Array, 'B'], dt: Float[Array, ''], mask_id: int,
-                    cfg: Config) -> tuple[Float[Array, 'B L V'], Int[Array, 'B L']]:
+def teacher_targets(teacher: Denoise, teacher_params, key: PRNGKeyArray, z_t: Int[Array, 'B L'],
+                    eps, t: Float[Array, 'B'], dt: Float[Array, ''], mask_id: int,
+                    grid: str) -> tuple[Float[Array, 'B L V'], Int[Array, 'B L']]:
   """The teacher's target log-probabilities per position, and the step (1 or 2; 0: still masked
   after both) in which each position masked in z_t was revealed."""
   k1, k2 = jax.random.split(key)
 
   def step(key, z, start, length):
-    log_x = loss.subs_log_probs(denoiser(z, eps, start), z, mask_id)
-    # With the log-linear schedule a masked position is revealed w.p.
-    # (alpha_s - alpha_t)/(1 - alpha_t) = length/start (1 once the step reaches 0), taken from
-    # the length rather than a difference of float32 alphas, which would lose ~1e-4 of it. A
-    # step between alphas 0 and r has this same transition.
-    reveal = (length / jnp.maximum(start, length))[:, None]  # [B, 1]
+    log_x = loss.subs_log_probs(teacher(teacher_params, z, eps, start), z, mask_id)
+    # a step between alphas 0 and r has the transition of one from t to s with
+    # (alpha_s - alpha_t)/(1 - alpha_t) = r
+    reveal = schedule.reveal_prob(start, length)[:, None]  # [B, 1]
     probs = sampler.transition_probs(jnp.exp(log_x), 0.0, reveal, mask_id, with_reset=False)
     draw = categorical(key, probs)
     revealed = (z == mask_id) & (draw != mask_id)
     return log_x, jnp.where(revealed, draw, z), revealed
 
-  first, second = teacher_steps(t, dt, cfg.distill.teacher_grid)
+  first, second = two_teacher_steps(t, dt, grid)
   log_x1, z1, revealed1 = step(k1, z_t, *first)
   log_x2, _, revealed2 = step(k2, z1, *second)
   target = jnp.where(revealed1[..., None], log_x1, log_x2)
@@ -134,35 +136,18 @@ def teacher_targets(denoiser: sampler.Denoiser, key: PRNGKeyArray, z_t: Int[Arra
   return target, revealed_in
 
 
-def sdtt_step(state: SdttState, batch: Batch, *, graphdef: nnx.GraphDef,
-              cfg: Config) -> tuple[SdttState, dict[str, Array]]:
-  student = state.student
-  k_t, k_mask, k_eps, k_micro = jax.random.split(jax.random.fold_in(student.rng, student.step), 4)
-  x = batch['tokens']
-  mask_id = nnx.merge(graphdef, state.teacher).mask_id
-  t = schedule.sample_t(k_t, x.shape[0], cfg.diffusion.eps, cfg.diffusion.antithetic)
-  z_t = masking.mask_tokens(k_mask, x, t, mask_id, cfg.diffusion.eps)
-  eps = noise.draw_eps(k_eps, x.shape, cfg) if noise.is_imdm(cfg) else None  # shared
-  weight = ((z_t == mask_id) & (batch['attention_mask'] > 0)).astype(jnp.float32)
-  rows = {'z_t': z_t, 't': t, 'eps': eps, 'weight': weight}
-  teacher = sampler.model_denoiser(state.teacher, graphdef, cfg)
-  dt = teacher_dt(cfg, state.round)
-
-  def sums(params, r, key):
-    # The teacher runs per micro-batch, so its [B, L, V] targets never exist for the whole batch;
-    # its draws come from the micro-batch's key (same distribution as one big batch, not the
-    # same numbers, unless the draws cannot matter).
-    k_teacher, k_drop = jax.random.split(key)
-    target, _ = teacher_targets(teacher, k_teacher, r['z_t'], r['eps'], r['t'], dt, mask_id, cfg)
-    logits = nnx.merge(graphdef, params)(r['z_t'], schedule.sigma(r['t'], cfg.diffusion.eps),
-                                         r['eps'], dropout_key=k_drop)
-    div = loss.divergence(loss.subs_log_probs(logits, r['z_t'], mask_id),
-                          jax.lax.stop_gradient(target), cfg.distill.divergence)
-    return jnp.sum(div * r['weight']), jnp.sum(r['weight'])
-
-  value, grads = accumulate_gradients(sums, student.params, rows, k_micro, cfg.train.grad_accum)
-  student, metrics = apply_gradients(student, grads, value, cfg)
-  return state.replace(student=student), metrics
+def sdtt_loss(student: Denoise, teacher: Denoise, params, teacher_params, key: PRNGKeyArray,
+              z_t: Int[Array, 'B L'], eps, t: Float[Array, 'B'], weight: Float[Array, 'B L'],
+              dt: Float[Array, ''], mask_id: int,
+              cfg: SdttConfig) -> tuple[Float[Array, ''], Float[Array, '']]:
+  """The student's one step pulled towards the teacher's two: `sum_l weight_l D(x_student(z_t)_l,
+  target_l)` over the positions masked in z_t (`weight` also drops padding), with D =
+  `cfg.divergence` and the teacher's targets held constant. Returns (that sum, sum of weights)."""
+  target, _ = teacher_targets(teacher, teacher_params, key, z_t, eps, t, dt, mask_id,
+                              cfg.teacher_grid)
+  log_student = loss.subs_log_probs(student(params, z_t, eps, t), z_t, mask_id)  # [B, L, V]
+  div = loss.divergence(log_student, jax.lax.stop_gradient(target), cfg.divergence)
+  return jnp.sum(div * weight), jnp.sum(weight)
 
 
 def advance_rounds(state: SdttState, completed_steps: int, round_steps: int) -> SdttState:

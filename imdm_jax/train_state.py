@@ -2,11 +2,13 @@
 
 Parameters are kept as plain nested dicts of arrays (`nnx.to_pure_dict`): the state is an ordinary
 pytree that jit, optax, orbax and the converter all handle, and `nnx.merge(graphdef, params)`
-rebuilds the module inside a step.
+rebuilds the module inside a step. The pure dicts drop the parameters' metadata: the logical
+sharding axes each declares are read from the abstract model instead (`param_axes`).
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import flax
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from imdm_jax import sharding
 from imdm_jax.config import Config, OptimConfig
@@ -24,6 +26,10 @@ from imdm_jax.model import DiT
 Params = dict[str, Any]
 
 
+# A pytree that JAX rebuilds with other leaves (ShapeDtypeStructs under `jax.eval_shape`, the
+# shardings of `sharding.tree_shardings`): its constructor's annotations, which describe the
+# arrays, are not checked at run time (the jaxtyping hook of tests/conftest.py).
+@typing.no_type_check
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 [], number of optimizer updates applied
@@ -57,35 +63,51 @@ def model_class(cfg: Config) -> type[nnx.Module]:
   return GPT2 if cfg.model.arch == 'gpt2' else DiT
 
 
-def model_graphdef(cfg: Config, mask_id: int) -> nnx.GraphDef:
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, mask_id, nnx.Rngs(0))))
+def abstract_model(cfg: Config) -> nnx.Module:
+  """The model with shapes for values: its structure and metadata, nothing allocated."""
+  return nnx.eval_shape(lambda: model_class(cfg)(cfg, nnx.Rngs(0)))
+
+
+def model_graphdef(cfg: Config) -> nnx.GraphDef:
+  graphdef, _ = nnx.split(abstract_model(cfg))
   return graphdef
 
 
-def init_params(cfg: Config, mask_id: int, key: jax.Array) -> Params:
-  return nnx.to_pure_dict(nnx.state(model_class(cfg)(cfg, mask_id, nnx.Rngs(params=key))))
+def param_axes(cfg: Config) -> sharding.ParamAxes:
+  """The logical axes each parameter of `cfg`'s model declares, by path: what
+  `sharding.tree_shardings` lays out the params, the EMA and the optimizer state by."""
+  return sharding.param_axes(abstract_model(cfg))
 
 
-def init_state(cfg: Config, mask_id: int, mesh: Mesh) -> TrainState:
+def init_params(cfg: Config, key: jax.Array) -> Params:
+  return nnx.to_pure_dict(nnx.state(model_class(cfg)(cfg, nnx.Rngs(params=key))))
+
+
+def init_state(cfg: Config, mesh: Mesh) -> TrainState:
   """A fresh state, created directly in its sharded layout (no full copy on any one device)."""
+  return _init_state(cfg, mesh, param_axes(cfg))
+
+
+def _init_state(cfg: Config, mesh: Mesh | AbstractMesh, axes: sharding.ParamAxes) -> TrainState:
   tx = make_optimizer(cfg.optim)
 
   def init(seed):
     k_params, k_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_params(cfg, mask_id, k_params)
+    params = init_params(cfg, k_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                       opt_state=tx.init(params), rng=k_rng)
 
   seed = jnp.int32(cfg.train.seed)
-  shardings = sharding.tree_shardings(jax.eval_shape(init, seed), mesh)
+  shardings = sharding.tree_shardings(jax.eval_shape(init, seed), mesh, axes)
   return jax.jit(init, out_shardings=shardings)(seed)
 
 
-def abstract_state(cfg: Config, mask_id: int, mesh: Mesh) -> TrainState:
+def abstract_state(cfg: Config, mesh: Mesh | AbstractMesh) -> TrainState:
   """Shapes, dtypes and live-mesh shardings of the state: the target of a checkpoint restore."""
-  state = jax.eval_shape(lambda: init_state(cfg, mask_id, mesh))
+  axes = param_axes(cfg)
+  state = jax.eval_shape(lambda: _init_state(cfg, mesh, axes))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      state, sharding.tree_shardings(state, mesh))
+                      state, sharding.tree_shardings(state, mesh, axes))
 
 
 def param_count(params: Params) -> int:

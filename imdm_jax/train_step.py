@@ -1,5 +1,10 @@
-"""The train and eval steps: pure functions of (state, batch), compiled once with `jax.jit` over
-the mesh. The same functions run on one CPU and on a pod slice; only the shardings differ."""
+"""The steps: pure functions of (state, batch), compiled once with `jax.jit` over the mesh.
+
+Each step draws the randomness of its whole batch, evaluates a loss of the method (`loss.py`,
+`sdtt.py`, `redi.py`) through `accumulate_gradients`, and applies one optimizer and EMA update
+(`apply_gradients`): nothing else. The same functions run on one CPU and on a pod slice; only
+the shardings differ.
+"""
 
 from __future__ import annotations
 
@@ -12,47 +17,45 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from imdm_jax import gpt2, loss, masking, noise, schedule, sharding
+from imdm_jax import gpt2, loss, masking, model, noise, redi, sampling, schedule, sdtt, sharding
 from imdm_jax.config import Config
-from imdm_jax.errors import UserError
-from imdm_jax.train_state import Params, TrainState, ema_update, make_optimizer
+from imdm_jax.train_state import Params, TrainState, ema_update, make_optimizer, param_axes
 
 Batch = dict[str, Int[Array, 'B L']]  # 'tokens' (x) and 'attention_mask' (1 = counts in the loss)
 
 
-# An objective is two functions: `draw(model, cfg, batch, key) -> (rows, dropout_key)` draws the
-# randomness of the whole batch (per-row arrays, leading dimension B), and `sums(model, cfg, rows,
-# dropout_key) -> (loss sum, token count)` evaluates the network on any subset of those rows.
-# Drawing first makes a step split into micro-batches use exactly the full batch's t, masks and eps.
+# An objective is two functions: `draws(cfg, batch, key, mask_id) -> (rows, dropout_key)` draws
+# the randomness of the whole batch (per-row arrays, leading dimension B), and
+# `sums(params, graphdef, cfg, rows, dropout_key, mask_id) -> (loss sum, token count)` evaluates
+# the loss on any subset of those rows. Drawing first makes a step split into micro-batches use
+# exactly the full batch's t, masks and eps.
 
-def nelbo_draws(model, cfg: Config, batch: Batch, key: PRNGKeyArray):
+def nelbo_draws(cfg: Config, batch: Batch, key: PRNGKeyArray, mask_id: int):
   """t (antithetic over the whole batch), z_t and the IMDM eps of one Monte-Carlo NELBO estimate."""
   k_t, k_mask, k_eps, k_drop = jax.random.split(key, 4)
-  x = batch['tokens']
-  t = schedule.sample_t(k_t, x.shape[0], cfg.diffusion.eps, cfg.diffusion.antithetic)  # [B]
-  z_t = masking.mask_tokens(k_mask, x, t, model.mask_id, cfg.diffusion.eps)  # [B, L]
+  x, d = batch['tokens'], cfg.diffusion
+  t = schedule.sample_t(k_t, x.shape[0], d.alpha_min, d.antithetic)  # [B]
+  z_t = masking.mask_tokens(k_mask, x, t, mask_id, d.alpha_min)  # [B, L]
   eps = noise.draw_eps(k_eps, x.shape, cfg) if noise.is_imdm(cfg) else None  # fresh per step
   return {'x': x, 'valid': batch['attention_mask'], 't': t, 'z_t': z_t, 'eps': eps}, k_drop
 
 
-def nelbo_from_draws(model, cfg: Config, rows,
-                     dropout_key) -> tuple[Float[Array, ''], Float[Array, '']]:
-  """The NELBO of drawn rows: (sum over valid tokens, number of valid tokens)."""
-  logits = model(rows['z_t'], schedule.sigma(rows['t'], cfg.diffusion.eps), rows['eps'],
-                 dropout_key=dropout_key)
-  return loss.nelbo(logits, rows['x'], rows['z_t'], rows['t'], rows['valid'], model.mask_id)
+def nelbo_from_draws(params, graphdef, cfg: Config, rows, dropout_key, mask_id: int):
+  denoise = sampling.model_denoiser(graphdef, cfg, mask_id, dropout_key)
+  return loss.nelbo_loss(denoise, params, rows['x'], rows['z_t'], rows['eps'], rows['t'],
+                         rows['valid'], mask_id)
 
 
-def causal_lm_draws(model, cfg: Config, batch: Batch, key: PRNGKeyArray):
-  del model, cfg  # next-token NLL draws nothing but dropout
+def causal_lm_draws(cfg: Config, batch: Batch, key: PRNGKeyArray, mask_id: int):
+  del cfg, mask_id  # next-token NLL draws nothing but dropout
   return {'x': batch['tokens'], 'valid': batch['attention_mask']}, key
 
 
-def causal_lm_from_draws(model, cfg: Config, rows, dropout_key):
+def causal_lm_from_draws(params, graphdef, cfg: Config, rows, dropout_key, mask_id: int):
   """Next-token NLL under a causal LM (`model.arch='gpt2'`): (sum, number of targets)."""
-  del cfg
+  del cfg, mask_id
   x = rows['x']
-  logits = model(x, dropout_key=dropout_key)
+  logits = nnx.merge(graphdef, params)(x, dropout_key=dropout_key)
   valid = rows['valid'][:, 1:].astype(jnp.float32)
   return jnp.sum(gpt2.token_nll(logits, x) * valid), jnp.sum(valid)
 
@@ -61,22 +64,14 @@ OBJECTIVES = {'dit': (nelbo_draws, nelbo_from_draws),
               'gpt2': (causal_lm_draws, causal_lm_from_draws)}
 
 
-def _sums(objective, params: Params, graphdef: nnx.GraphDef, cfg: Config, batch: Batch,
-          key: PRNGKeyArray, train: bool) -> tuple[Float[Array, ''], Float[Array, '']]:
-  draw, sums = objective
-  model = nnx.merge(graphdef, params)
-  rows, k_drop = draw(model, cfg, batch, key)
-  return sums(model, cfg, rows, k_drop if train else None)
-
-
-def loss_sums(params, graphdef, cfg: Config, batch: Batch, key, train: bool):
-  """The training objective of `cfg.model.arch` on a batch, as (sum over tokens, token count)."""
-  return _sums(OBJECTIVES[cfg.model.arch], params, graphdef, cfg, batch, key, train)
-
-
-def nelbo_sums(params, graphdef, cfg: Config, batch: Batch, key, train: bool):
-  """One Monte-Carlo NELBO estimate of a batch: (sum over valid tokens, number of valid tokens)."""
-  return _sums(OBJECTIVES['dit'], params, graphdef, cfg, batch, key, train)
+def loss_sums(params: Params, graphdef: nnx.GraphDef, cfg: Config, batch: Batch,
+              key: PRNGKeyArray, train: bool, *, mask_id: int, arch: str | None = None
+              ) -> tuple[Float[Array, ''], Float[Array, '']]:
+  """The training objective of `arch` (default `cfg.model.arch`) on a batch, as (sum over tokens,
+  token count): for the DiT one Monte-Carlo NELBO estimate."""
+  draws, sums = OBJECTIVES[arch or cfg.model.arch]
+  rows, k_drop = draws(cfg, batch, key, mask_id)
+  return sums(params, graphdef, cfg, rows, k_drop if train else None, mask_id)
 
 
 def micro_batches(rows, k: int):
@@ -118,17 +113,6 @@ def accumulate_gradients(sums_fn, params: Params, rows, dropout_key: PRNGKeyArra
   return total / denom, jax.tree.map(lambda g: g / denom, grads)
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-               cfg: Config) -> tuple[TrainState, dict[str, Array]]:
-  key = jax.random.fold_in(state.rng, state.step)
-  draw, sums = OBJECTIVES[cfg.model.arch]
-  rows, k_drop = draw(nnx.merge(graphdef, state.params), cfg, batch, key)
-  value, grads = accumulate_gradients(
-      lambda params, micro, k: sums(nnx.merge(graphdef, params), cfg, micro, k),
-      state.params, rows, k_drop, cfg.train.grad_accum)
-  return apply_gradients(state, grads, value, cfg)
-
-
 def apply_gradients(state: TrainState, grads, value, cfg: Config) -> tuple[TrainState, dict]:
   """One optimizer update and EMA step; shared by training and distillation."""
   tx = make_optimizer(cfg.optim)
@@ -144,42 +128,83 @@ def apply_gradients(state: TrainState, grads, value, cfg: Config) -> tuple[Train
 
 
 def noise_output_norm(params: Params) -> Float[Array, '']:
-  """Norm of the layer that turns eps into the mask embedding (the noise MLP's last layer, or
-  the finite-state table). It starts at 0; growth shows the network has started to use eps."""
-  embed = params['vocab_embed']
-  last = embed['imdm_mlp']['mlp_out']['kernel'] if 'imdm_mlp' in embed else \
-      embed['imdm_states']['embedding']
-  return jnp.sqrt(jnp.sum(jnp.square(last)))
+  """Norm of the layer that turns eps into the mask embedding (`model.noise_output`): 0 at init,
+  its growth shows the network has started to use eps."""
+  return jnp.sqrt(jnp.sum(jnp.square(model.noise_output(params))))
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, cfg: Config,
+               mask_id: int) -> tuple[TrainState, dict[str, Array]]:
+  """`train.py`: the objective of `cfg.model.arch` (the NELBO for the DiT)."""
+  draws, sums = OBJECTIVES[cfg.model.arch]
+  rows, k_drop = draws(cfg, batch, jax.random.fold_in(state.rng, state.step), mask_id)
+  value, grads = accumulate_gradients(
+      lambda params, micro, key: sums(params, graphdef, cfg, micro, key, mask_id),
+      state.params, rows, k_drop, cfg.train.grad_accum)
+  return apply_gradients(state, grads, value, cfg)
+
+
+def sdtt_step(state: sdtt.SdttState, batch: Batch, *, graphdef: nnx.GraphDef, cfg: Config,
+              mask_id: int) -> tuple[sdtt.SdttState, dict[str, Array]]:
+  """`distill.py sdtt`: the NELBO's draws (t, z_t, eps shared by teacher and student), then
+  `sdtt.sdtt_loss` against the round's frozen teacher."""
+  student = state.student
+  drawn, k_micro = nelbo_draws(cfg, batch, jax.random.fold_in(student.rng, student.step), mask_id)
+  weight = ((drawn['z_t'] == mask_id) & (drawn['valid'] > 0)).astype(jnp.float32)
+  rows = {'z_t': drawn['z_t'], 't': drawn['t'], 'eps': drawn['eps'], 'weight': weight}
+  teacher = sampling.model_denoiser(graphdef, cfg, mask_id)
+  dt = sdtt.teacher_dt(cfg, state.round)
+
+  def sums(params, r, key):
+    # The teacher runs per micro-batch, so its [B, L, V] targets never exist for the whole batch;
+    # its draws come from the micro-batch's key (same distribution as one big batch, not the
+    # same numbers, unless the draws cannot matter).
+    k_teacher, k_drop = jax.random.split(key)
+    return sdtt.sdtt_loss(sampling.model_denoiser(graphdef, cfg, mask_id, k_drop), teacher,
+                          params, state.teacher, k_teacher, r['z_t'], r['eps'], r['t'],
+                          r['weight'], dt, mask_id, cfg.sdtt)
+
+  value, grads = accumulate_gradients(sums, student.params, rows, k_micro, cfg.train.grad_accum)
+  student, metrics = apply_gradients(student, grads, value, cfg)
+  return state.replace(student=student), metrics
+
+
+def redi_step(state: TrainState, batch: dict[str, Array], *, graphdef: nnx.GraphDef,
+              cfg: Config, mask_id: int) -> tuple[TrainState, dict[str, Array]]:
+  """`distill.py redi-train`: `redi.redi_loss` on a batch of stored couplings (z_T, x_hat,
+  attention_mask [B, L]; t, seed [B])."""
+  k_eps, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  rows = {'z': batch['z_T'], 'x_hat': batch['x_hat'], 't': batch['t'],
+          'valid': batch['attention_mask'], 'eps': redi.pair_eps(k_eps, batch, cfg)}
+
+  def sums(params, r, key):
+    denoise = sampling.model_denoiser(graphdef, cfg, mask_id, key)
+    return redi.redi_loss(denoise, params, r['z'], r['x_hat'], r['eps'], r['t'], r['valid'],
+                          mask_id)
+
+  value, grads = accumulate_gradients(sums, state.params, rows, k_drop, cfg.train.grad_accum)
+  return apply_gradients(state, grads, value, cfg)
 
 
 def eval_step(params: Params, batch: Batch, key: PRNGKeyArray, *, graphdef: nnx.GraphDef,
-              cfg: Config) -> dict[str, Array]:
-  total, count = loss_sums(params, graphdef, cfg, batch, key, train=False)
+              cfg: Config, mask_id: int) -> dict[str, Array]:
+  total, count = loss_sums(params, graphdef, cfg, batch, key, train=False, mask_id=mask_id)
   return {'nll_sum': total, 'count': count}
 
 
-def rows_per_device(cfg: Config, n_devices: int) -> int:
-  """Rows each device holds of one micro-batch: the global batch must split evenly into
-  `train.grad_accum` micro-batches, each over all devices."""
-  B, k = cfg.train.batch_size, cfg.train.grad_accum
-  if B % (k * n_devices):
-    raise UserError(f'train.batch_size={B} is not divisible by the {n_devices} devices' +
-                    (f' x train.grad_accum={k}' if k > 1 else ''))
-  return B // (k * n_devices)
-
-
-def compile_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state: TrainState,
-                       step_fn=train_step):
-  """`step_fn` is `train_step` unless a test wraps it (e.g. to count traces)."""
-  rows_per_device(cfg, mesh.size)
-  state_sh = sharding.tree_shardings(state, mesh)
-  return jax.jit(functools.partial(step_fn, graphdef=graphdef, cfg=cfg),
+def compile_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state, step_fn=train_step,
+                       *, mask_id: int):
+  """`step_fn` is `train_step`, `sdtt_step` or `redi_step` (or a test's wrapper of one)."""
+  sharding.rows_per_device(cfg.train.batch_size, mesh.size, cfg.train.grad_accum)
+  state_sh = sharding.tree_shardings(state, mesh, param_axes(cfg))
+  return jax.jit(functools.partial(step_fn, graphdef=graphdef, cfg=cfg, mask_id=mask_id),
                  in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def compile_eval_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, params: Params):
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
-                 in_shardings=(sharding.tree_shardings(params, mesh),
+def compile_eval_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, params: Params, *,
+                      mask_id: int):
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef, cfg=cfg, mask_id=mask_id),
+                 in_shardings=(sharding.tree_shardings(params, mesh, param_axes(cfg)),
                                sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=sharding.replicated(mesh))

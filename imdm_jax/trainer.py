@@ -26,16 +26,16 @@ class Program:
   `TrainState` on rows; distillation wraps one (SDTT adds a frozen teacher, ReDi reads
   couplings) and reuses this loop, its checkpoints and its evaluation."""
   data: Callable[[config_lib.Config], store.Dataset]
-  init: Callable[..., Any]  # (cfg, mask_id, mesh, init_from) -> a fresh state
-  abstract: Callable[..., Any]  # (cfg, mask_id, mesh) -> its restore target
-  step: Callable[..., Any]  # pure (state, batch, *, graphdef, cfg) -> (state, metrics)
+  init: Callable[..., Any]  # (cfg, mesh, init_from) -> a fresh state
+  abstract: Callable[..., Any]  # (cfg, mesh) -> its restore target
+  step: Callable[..., Any]  # pure (state, batch, *, graphdef, cfg, mask_id) -> (state, metrics)
   student: Callable[[Any], train_state.TrainState] = lambda state: state
   before_step: Callable[[Any, int], Any] = lambda state, step: state  # e.g. round boundaries
 
 
-def _fresh_train_state(cfg, mask_id, mesh, init_from):
-  state = train_state.init_state(cfg, mask_id, mesh)
-  return init_lib.initialise(state, cfg, init_from, mask_id, mesh) if init_from else state
+def _fresh_train_state(cfg, mesh, init_from):
+  state = train_state.init_state(cfg, mesh)
+  return init_lib.initialise(state, cfg, init_from, mesh) if init_from else state
 
 
 TRAIN = Program(data=store.prepare, init=_fresh_train_state, abstract=train_state.abstract_state,
@@ -71,8 +71,8 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(cfg.mesh)
-  pipeline.local_batch_size(cfg.train.batch_size)  # fail fast on an indivisible batch
-  train_step.rows_per_device(cfg, jax.device_count())  # ... or micro-batch
+  # fail fast on a batch or micro-batch the devices cannot split
+  sharding.rows_per_device(cfg.train.batch_size, jax.device_count(), cfg.train.grad_accum)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints)
   latest = ckpt.latest_step()
@@ -81,16 +81,18 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
 
   data = program.data(cfg)
   mask_id = data.tokenizer.mask_id
-  graphdef = train_state.model_graphdef(cfg, mask_id)
+  graphdef = train_state.model_graphdef(cfg)
   train_iter = pipeline.train_iterator(data.train, cfg.train.batch_size, cfg.train.seed)
   if latest is not None:
-    state = ckpt.restore(program.abstract(cfg, mask_id, mesh), train_iter)
+    state = ckpt.restore(program.abstract(cfg, mesh), train_iter)
   else:
-    state = program.init(cfg, mask_id, mesh, init_from)
+    state = program.init(cfg, mesh, init_from)
   checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config_lib.to_dict(cfg))
 
-  step_fn = train_step.compile_train_step(cfg, graphdef, mesh, state, program.step)
-  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, program.student(state).params)
+  step_fn = train_step.compile_train_step(cfg, graphdef, mesh, state, program.step,
+                                          mask_id=mask_id)
+  eval_fn = train_step.compile_eval_step(cfg, graphdef, mesh, program.student(state).params,
+                                         mask_id=mask_id)
   writer = metrics.MetricWriter(workdir)
   start = int(program.student(state).step)
   if is_main:

@@ -1,4 +1,5 @@
-"""Test setup: CPU only, offline, 8 fake devices, and a persistent compilation cache."""
+"""Test setup: CPU only, offline, 8 fake devices, a persistent compilation cache, and the
+jaxtyping annotations of every `imdm_jax` function checked at run time."""
 
 import os
 
@@ -7,6 +8,15 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jaxtyping  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Before any `imdm_jax` import: every function and dataclass of the package (the entry scripts'
+# and tests/ imports of it included) gets `@jaxtyped(typechecker=beartype)`, so a call whose
+# arrays break an annotation's dtype or shape (`Float[Array, 'B L']`, dimension names bound
+# consistently within the call) fails in the tests. Under `jax.jit` the check runs once, at
+# tracing. Subprocesses (train.py, sample.py, ...) run unchecked.
+jaxtyping.install_import_hook('imdm_jax', 'beartype.beartype')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -24,14 +24,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # pylint: disable=wrong-import-position
-
-import distill  # pylint: disable=wrong-import-position
-import sample  # pylint: disable=wrong-import-position
-import train  # pylint: disable=wrong-import-position
-from imdm_jax import config as config_lib  # pylint: disable=wrong-import-position
+import distill  # the entry scripts, from the repository root on PYTHONPATH (test_multihost)
+import sample
+import train
+from imdm_jax import config as config_lib
 
 
 def what_this_process_saw(argv: list[str]) -> dict[str, np.ndarray]:
@@ -46,7 +44,7 @@ def what_this_process_saw(argv: list[str]) -> dict[str, np.ndarray]:
   tokens = np.stack([next(it)['tokens'] for _ in range(cfg.train.num_steps)])
   numbered = [{'tokens': np.full((1,), i, np.int32)} for i in range(64)]
   epoch_it = pipeline.train_iterator(numbered, 16, seed=cfg.train.seed)
-  state = train_state.init_state(cfg, data.tokenizer.mask_id, sharding.make_mesh(cfg.mesh))
+  state = train_state.init_state(cfg, sharding.make_mesh(cfg.mesh))
   fsdp = [(len(x.addressable_shards), x.addressable_shards[0].data.size / x.size)
           for x in jax.tree.leaves(state) if x.ndim == 2]
   return {'topology': np.array([jax.process_count(), jax.device_count(),

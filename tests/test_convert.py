@@ -8,159 +8,43 @@ import os
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from imdm_jax import convert as convert_lib
-from imdm_jax import checkpoint, init_from, noise, port, sharding, train_state
-from imdm_jax.config import Config, DiffusionConfig, MeshConfig, ModelConfig
+from imdm_jax import checkpoint, noise, sharding, train_state
+from imdm_jax.config import Config, MeshConfig, ModelConfig
 from imdm_jax.data import pretrained
 
+from helpers import MICRO, ROOT
+
 torch = pytest.importorskip('torch')
-safetensors_torch = pytest.importorskip('safetensors.torch')
-from imdm_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
-HF_CONFIG = {'architectures': ['MDLM'], 'model_type': 'mdlm', 'vocab_size': 37, 'hidden_dim': 32,
-             'cond_dim': 16, 'n_blocks': 2, 'n_heads': 4, 'dropout': 0.0, 'model_length': 64,
-             'time_conditioning': False, 'transformers_version': '4.38.2'}
-
-
-def _config(model=MICRO, **diffusion) -> Config:
-  return Config(model=model, diffusion=DiffusionConfig(**diffusion))
-
-
-def _torch_model(cfg: Config, seed=0):
-  """The reference network with every weight random (the zero-initialised ones too), so that
-  every tensor influences the logits and a misplaced one shows."""
-  ref = torch_reference.DIT(cfg, cfg.model.vocab_size - 1).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in ref.parameters():
-      p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-  return ref
-
-
-def _fan_in_random(ref, seed):
-  """Weights at the scale of a trained network (std 1/sqrt(fan-in)), so that 12 blocks keep the
-  activations O(1) and the comparison is about arithmetic, not overflow."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in ref.parameters():
-      std = 1.0 / np.sqrt(p.shape[1]) if p.ndim == 2 else 0.3
-      p.copy_(std * torch.randn(p.shape, generator=gen))
-
-
-def _state(ref, prefix='backbone.', buffers=True) -> dict:
-  return {prefix + k: v.contiguous() for k, v in ref.state_dict().items()
-          if buffers or k not in port.BUFFERS}
-
-
-def _save_safetensors(state, path):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  safetensors_torch.save_file(state, path)
-  return path
-
-
-def _convert(src, out, preset='micro', **kw) -> convert_lib.Converted:
-  return convert_lib.convert(str(src), str(out), preset=preset, **kw)
-
-
-def _restore(out):
-  """What sampling / `--init_from` will see: the EMA weights of the saved checkpoint."""
-  mask = init_from.saved_config(str(out)).model.vocab_size - 1
-  ema, saved = init_from.load_ema(str(out), mask, sharding.make_mesh(MeshConfig()))
-  return nnx.merge(train_state.model_graphdef(saved, mask), ema), ema, saved
-
-
-def _inputs(cfg: Config, seed=0, batch=2, length=16):
-  """Tokens with every third position masked, and the mask noise the config's network takes."""
-  z = np.array(jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0,
-                                  cfg.model.vocab_size))
-  z[:, ::3] = cfg.model.vocab_size - 1
-  if not (cfg.model.noise_dim or cfg.diffusion.num_mask_states):
-    return z, None
-  eps = np.asarray(noise.draw_eps(jax.random.PRNGKey(seed + 1), z.shape, cfg))
-  return z, eps
-
-
-def _logits_pair(m, ref, cfg):
-  z, eps = _inputs(cfg)
-  with jax.default_matmul_precision('highest'):
-    ours = np.asarray(m(jnp.asarray(z), None, None if eps is None else jnp.asarray(eps)))
-  eps_t = None if eps is None else torch.from_numpy(np.array(eps))
-  if eps_t is not None and not eps_t.is_floating_point():
-    eps_t = eps_t.long()  # finite mask states index an nn.Embedding
-  with torch.no_grad():
-    theirs = ref(torch.from_numpy(z).long(), None, eps_t).numpy()
-  return ours, theirs
-
-
-def _assert_converted(out, ref, cfg):
-  """Logits match the PyTorch model, and every tensor of it landed exactly in one parameter."""
-  m, ema, saved = _restore(out)
-  assert saved.model == dataclasses.replace(cfg.model, dropout=saved.model.dropout)
-  ours, theirs = _logits_pair(m, ref, cfg)
-  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-  assert np.abs(theirs).max() > 1.0  # logits that carry signal, not a vacuous match
-  expected = {k: v.numpy() for k, v in ref.state_dict().items() if k not in port.BUFFERS}
-  got = port.params_to_torch(ema)
-  assert sorted(got) == sorted(expected)
-  for k in expected:
-    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
-  return saved
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import torch_reference
+from convert_helpers import (assert_converted, config, convert, fan_in_random, inputs, layout,
+                             lightning, logits_pair, restore, save_safetensors, tiny_bpe,
+                             torch_model, torch_state)
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 # ----------------------------------------------------------------------------------------------
 # Layouts
 
-def _layout(kind, tmp_path, ref):
-  """Saves `ref` as a release in layout `kind`; returns the SRC to convert."""
-  if kind == 'safetensors':
-    return _save_safetensors(_state(ref), str(tmp_path / 'src' / 'model.safetensors'))
-  if kind == 'hf_dir':  # no rotary buffer: the head count must come from config.json
-    _save_safetensors(_state(ref, buffers=False), str(tmp_path / 'src' / 'model.safetensors'))
-    (tmp_path / 'src' / 'config.json').write_text(json.dumps(HF_CONFIG))
-    return tmp_path / 'src'
-  if kind == 'bin_dir':
-    os.makedirs(tmp_path / 'src')
-    torch.save(_state(ref), tmp_path / 'src' / 'pytorch_model.bin')
-    return tmp_path / 'src'
-  if kind == 'double_wrapped':  # SDTT revisions pushed through the HF wrapper twice
-    return _save_safetensors(_state(ref, 'backbone.backbone.'),
-                             str(tmp_path / 'src' / 'm.safetensors'))
-  if kind == 'sharded':
-    state = _state(ref)
-    keys = sorted(state)
-    shards = {'model-00001-of-00002.safetensors': keys[::2],
-              'model-00002-of-00002.safetensors': keys[1::2]}
-    for name, names in shards.items():
-      _save_safetensors({k: state[k] for k in names}, str(tmp_path / 'src' / name))
-    index = {'metadata': {}, 'weight_map': {k: n for n, ks in shards.items() for k in ks}}
-    (tmp_path / 'src' / 'model.safetensors.index.json').write_text(json.dumps(index))
-    return tmp_path / 'src'
-  raise ValueError(kind)
-
-
 @pytest.mark.parametrize('kind', ['safetensors', 'hf_dir', 'bin_dir', 'double_wrapped', 'sharded'])
 def test_layouts_convert_with_parity(kind, tmp_path):
-  cfg = _config()
-  ref = _torch_model(cfg, seed=1)
-  result = _convert(_layout(kind, tmp_path, ref), tmp_path / 'out')
+  cfg = config()
+  ref = torch_model(cfg, seed=1)
+  result = convert(layout(kind, tmp_path, ref), tmp_path / 'out')
   assert result.weights == 'weights as saved'
   assert result.n_params == sum(p.numel() for p in ref.parameters())
-  saved = _assert_converted(tmp_path / 'out', ref, cfg)
+  saved = assert_converted(tmp_path / 'out', ref, cfg)
   if kind == 'hf_dir':
     assert saved.data.seq_len == 64  # model_length
   if kind == 'safetensors':  # a step-0 train state: params = EMA, a fresh optimizer
     ckpt = checkpoint.Checkpointer(str(tmp_path / 'out' / 'checkpoints'))
-    state = ckpt.restore(train_state.abstract_state(saved, 36, sharding.make_mesh(MeshConfig())))
+    state = ckpt.restore(train_state.abstract_state(saved, sharding.make_mesh(MeshConfig())))
     ckpt.close()
     assert int(state.step) == 0
     jax.tree.map(np.testing.assert_array_equal, state.params, state.ema)
@@ -168,29 +52,17 @@ def test_layouts_convert_with_parity(kind, tmp_path):
   assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model']['n_heads'] == 4
 
 
-def _lightning(tmp_path, raw_ref, ema_ref, prefix='backbone.', name='mdlm.ckpt'):
-  """A Lightning checkpoint as the reference trainer writes it: raw `state_dict`, the EMA as a
-  positional list in parameter order, and pickled hyper-parameters (not weights-only loadable)."""
-  ckpt = {'state_dict': _state(raw_ref, prefix),
-          'ema': {'shadow_params': [p.detach().clone() for p in ema_ref.parameters()],
-                  'decay': 0.9999, 'num_updates': 7, 'collected_params': None},
-          'hyper_parameters': {'config': types.SimpleNamespace(model='small')},
-          'global_step': 7, 'epoch': 0}
-  torch.save(ckpt, tmp_path / name)
-  return tmp_path / name
-
-
 @pytest.mark.parametrize('prefix', ['backbone.', 'backbone._orig_mod.'])
 def test_lightning_ema_by_default_raw_on_request(prefix, tmp_path):
-  cfg = _config()
-  raw_ref, ema_ref = _torch_model(cfg, seed=2), _torch_model(cfg, seed=3)
-  src = _lightning(tmp_path, raw_ref, ema_ref, prefix)
-  assert _convert(src, tmp_path / 'ema').weights == 'EMA weights'
-  _assert_converted(tmp_path / 'ema', ema_ref, cfg)
-  ours, raw_logits = _logits_pair(_restore(tmp_path / 'ema')[0], raw_ref, cfg)
+  cfg = config()
+  raw_ref, ema_ref = torch_model(cfg, seed=2), torch_model(cfg, seed=3)
+  src = lightning(tmp_path, raw_ref, ema_ref, prefix)
+  assert convert(src, tmp_path / 'ema').weights == 'EMA weights'
+  assert_converted(tmp_path / 'ema', ema_ref, cfg)
+  ours, raw_logits = logits_pair(restore(tmp_path / 'ema')[0], raw_ref, cfg)
   assert np.abs(ours - raw_logits).max() > 0.1  # the two weight sets are told apart
-  assert _convert(src, tmp_path / 'raw', raw=True).weights == 'raw weights'
-  _assert_converted(tmp_path / 'raw', raw_ref, cfg)
+  assert convert(src, tmp_path / 'raw', raw=True).weights == 'raw weights'
+  assert_converted(tmp_path / 'raw', raw_ref, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,11 +73,11 @@ def test_lightning_ema_by_default_raw_on_request(prefix, tmp_path):
     (dataclasses.replace(MICRO, noise_dim=8), {'noise_type': 'learnable'}),
     (MICRO, {'num_mask_states': 3})])
 def test_imdm_weights_convert_with_parity(model, diffusion, tmp_path):
-  cfg = _config(model, **diffusion)
-  ref = _torch_model(cfg, seed=4)
-  result = _convert(_layout('safetensors', tmp_path, ref), tmp_path / 'out')
+  cfg = config(model, **diffusion)
+  ref = torch_model(cfg, seed=4)
+  result = convert(layout('safetensors', tmp_path, ref), tmp_path / 'out')
   assert 'IMDM' in result.description
-  saved = _assert_converted(tmp_path / 'out', ref, cfg)
+  saved = assert_converted(tmp_path / 'out', ref, cfg)
   assert saved.diffusion.noise_type == cfg.diffusion.noise_type
   assert saved.diffusion.num_mask_states == cfg.diffusion.num_mask_states
 
@@ -213,12 +85,12 @@ def test_imdm_weights_convert_with_parity(model, diffusion, tmp_path):
 def test_module_outputs_match(tmp_path):
   """Embedding (with the learnable mask noise), conditioning, one block and the final layer, each
   given the same input in both frameworks."""
-  cfg = _config(dataclasses.replace(MICRO, noise_dim=8), noise_type='learnable')
-  ref = _torch_model(cfg, seed=5)
-  _fan_in_random(ref, seed=5)  # O(1) outputs: 1e-5 then means fp32 agreement, not a scale
-  _convert(_layout('safetensors', tmp_path, ref), tmp_path / 'out')
-  m, _, _ = _restore(tmp_path / 'out')
-  z, eps = _inputs(cfg)
+  cfg = config(dataclasses.replace(MICRO, noise_dim=8), noise_type='learnable')
+  ref = torch_model(cfg, seed=5)
+  fan_in_random(ref, seed=5)  # O(1) outputs: 1e-5 then means fp32 agreement, not a scale
+  convert(layout('safetensors', tmp_path, ref), tmp_path / 'out')
+  m, _, _ = restore(tmp_path / 'out')
+  z, eps = inputs(cfg)
   x = np.array(jax.random.normal(jax.random.PRNGKey(9), (2, 16, 32)))
   zt, epst, xt = torch.from_numpy(z).long(), torch.from_numpy(np.array(eps)), torch.from_numpy(x)
   with jax.default_matmul_precision('highest'):
@@ -240,15 +112,15 @@ def test_module_outputs_match(tmp_path):
 def test_mdlm_weights_into_an_imdm(how, tmp_path):
   """The noise path starts as a new IMDM's does (first layer truncated normal, second zero), so the
   result computes exactly the source MDLM whatever the eps."""
-  mdlm_cfg = _config()
-  ref = _torch_model(mdlm_cfg, seed=6)
-  src = _layout('safetensors', tmp_path, ref)
+  mdlm_cfg = config()
+  ref = torch_model(mdlm_cfg, seed=6)
+  src = layout('safetensors', tmp_path, ref)
   if how == 'set':
-    result = _convert(src, tmp_path / 'out', overrides=['model.noise_dim=8'])
+    result = convert(src, tmp_path / 'out', overrides=['model.noise_dim=8'])
   else:
-    result = _convert(src, tmp_path / 'out', preset='tiny-imdm')  # its noise_dim is 64
+    result = convert(src, tmp_path / 'out', preset='tiny-imdm')  # its noise_dim is 64
   assert 'fresh noise path on MDLM weights' in result.description
-  m, ema, saved = _restore(tmp_path / 'out')
+  m, ema, saved = restore(tmp_path / 'out')
   noise_dim = 8 if how == 'set' else 64
   assert saved.model.noise_dim == noise_dim
   mlp = ema['vocab_embed']['imdm_mlp']
@@ -256,34 +128,21 @@ def test_mdlm_weights_into_an_imdm(how, tmp_path):
   np.testing.assert_array_equal(mlp['mlp_in']['bias'], 0.0)
   w = np.asarray(mlp['mlp_in']['kernel'])
   assert w.shape == (noise_dim, 4 * 32) and 0.015 < w.std() < 0.025 and np.abs(w).max() <= 0.04
-  z, _ = _inputs(mdlm_cfg)
+  z, _ = inputs(mdlm_cfg)
   with torch.no_grad():
     expected = ref(torch.from_numpy(z).long()).numpy()
   for seed in range(2):
     eps = noise.draw_eps(jax.random.PRNGKey(seed), z.shape, saved)
     with jax.default_matmul_precision('highest'):
-      np.testing.assert_allclose(np.asarray(m(jnp.asarray(z), None, eps)), expected, atol=1e-4,
-                                 rtol=0)
+      np.testing.assert_allclose(np.asarray(m(jnp.asarray(z), None, eps, mask_id=36)), expected,
+                                 atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
 # Vocabularies and tokenizers
 
-def _tiny_bpe(tmp_path):
-  """A byte-level BPE in GPT-2's two file formats (vocab.json + merges.txt, tokenizer.json)."""
-  tokenizers = pytest.importorskip('tokenizers')
-  tok = tokenizers.ByteLevelBPETokenizer()
-  tok.train_from_iterator(['the cat sat on the mat', 'a dog and a cat'] * 20, vocab_size=300,
-                          special_tokens=['<|endoftext|>'], show_progress=False)
-  os.makedirs(tmp_path / 'pair')
-  os.makedirs(tmp_path / 'single')
-  tok.save_model(str(tmp_path / 'pair'))
-  tok.save(str(tmp_path / 'single' / 'tokenizer.json'))
-  return tmp_path / 'pair', tmp_path / 'single'
-
-
 def test_gpt2_tokenizer_json_equals_vocab_and_merges(tmp_path):
-  pair, single = _tiny_bpe(tmp_path)
+  pair, single = tiny_bpe(tmp_path)
   a = pretrained.load('gpt2', str(pair))
   for path in (single, single / 'tokenizer.json'):
     b = pretrained.load('gpt2', str(path))
@@ -301,27 +160,27 @@ def _bert_vocab():
 def test_lm1b_vocabulary_picks_its_preset_and_checks_the_tokenizer(tmp_path):
   """V=30522 IMDM weights: lm1b-small-imdm (bert tokenizer, soft-cap 50) without being told."""
   vocab = _bert_vocab()
-  cfg = _config(dataclasses.replace(MICRO, vocab_size=30522, noise_dim=8, attn_softcap=50.0))
-  ref = _torch_model(cfg, seed=7)
-  _convert(_layout('safetensors', tmp_path, ref), tmp_path / 'out', preset=None,
-           tokenizer_path=vocab)
-  saved = _assert_converted(tmp_path / 'out', ref, cfg)
+  cfg = config(dataclasses.replace(MICRO, vocab_size=30522, noise_dim=8, attn_softcap=50.0))
+  ref = torch_model(cfg, seed=7)
+  convert(layout('safetensors', tmp_path, ref), tmp_path / 'out', preset=None,
+          tokenizer_path=vocab)
+  saved = assert_converted(tmp_path / 'out', ref, cfg)
   assert (saved.data.tokenizer, saved.data.tokenizer_path) == ('bert-base-uncased', vocab)
   assert saved.model.attn_softcap == 50.0 and saved.data.seq_len == 128
 
 
 def test_heads_from_set_when_nothing_else_says(tmp_path):
-  cfg = _config(dataclasses.replace(MICRO, hidden_size=40, n_heads=4))
-  ref = _torch_model(cfg, seed=12)
-  src = _save_safetensors(_state(ref, buffers=False), str(tmp_path / 'm.safetensors'))
-  _convert(src, tmp_path / 'out', overrides=['model.n_heads=4'])
-  _assert_converted(tmp_path / 'out', ref, cfg)
+  cfg = config(dataclasses.replace(MICRO, hidden_size=40, n_heads=4))
+  ref = torch_model(cfg, seed=12)
+  src = save_safetensors(torch_state(ref, buffers=False), str(tmp_path / 'm.safetensors'))
+  convert(src, tmp_path / 'out', overrides=['model.n_heads=4'])
+  assert_converted(tmp_path / 'out', ref, cfg)
 
 
 def test_command_line(tmp_path):
-  cfg = _config()
-  ref = _torch_model(cfg, seed=13)
-  src = _layout('hf_dir', tmp_path, ref)
+  cfg = config()
+  ref = torch_model(cfg, seed=13)
+  src = layout('hf_dir', tmp_path, ref)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, 'convert.py', str(src), '--out', str(tmp_path / 'out'),
                          '--preset', 'micro'], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -330,7 +189,7 @@ def test_command_line(tmp_path):
   assert proc.stdout.strip().splitlines() == [
       f'converted MDLM DiT 2x32, 4 heads, V=37: {sum(p.numel() for p in ref.parameters()):,} '
       f'parameters, weights as saved -> {tmp_path / "out"}']
-  _assert_converted(tmp_path / 'out', ref, cfg)
+  assert_converted(tmp_path / 'out', ref, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,8 +202,8 @@ def test_small_model_full_parity(tmp_path):
   cfg = Config(model=ModelConfig(vocab_size=50258, hidden_size=768, n_blocks=12, n_heads=12,
                                  dropout=0.0))
   ref = torch_reference.DIT(cfg, 50257).eval()
-  _fan_in_random(ref, seed=0)
-  src = _layout('safetensors', tmp_path, ref)
+  fan_in_random(ref, seed=0)
+  src = layout('safetensors', tmp_path, ref)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
   probe = ('import resource, runpy, sys, time; sys.argv = sys.argv[1:]; t = time.perf_counter(); '
            'runpy.run_path("convert.py", run_name="__main__"); '
@@ -357,7 +216,7 @@ def test_small_model_full_parity(tmp_path):
   assert proc.returncode == 0, proc.stderr
   print(proc.stdout, f'wall incl. interpreter start {time.perf_counter() - start:.1f}s')
   assert 'MDLM DiT 12x768, 12 heads, V=50258: 169,6' in proc.stdout
-  m, _, saved = _restore(tmp_path / 'out')
+  m, _, saved = restore(tmp_path / 'out')
   assert (saved.data.tokenizer, saved.data.seq_len) == ('gpt2', 1024)
   z = np.array(jax.random.randint(jax.random.PRNGKey(0), (1, 1024), 0, 50258))
   z[:, ::3] = 50257

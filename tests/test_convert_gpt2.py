@@ -3,6 +3,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -38,11 +39,11 @@ def test_hf_gpt2_logits_match(tmp_path):
   mesh = sharding.make_mesh(MeshConfig())
   cfg = init_from.saved_config(str(tmp_path / 'out'))
   assert cfg.model.arch == 'gpt2' and cfg.model.n_heads == 4 and cfg.data.seq_len == 24
-  params, _ = init_from.load_ema(str(tmp_path / 'out'), 0, mesh)
-  ours = nnx.merge(train_state.model_graphdef(cfg, 0), jax.device_get(params))
+  params, _, _ = init_from.load_weights(str(tmp_path / 'out'), mesh)
+  ours = nnx.merge(train_state.model_graphdef(cfg), jax.device_get(params))
   tokens = np.random.default_rng(0).integers(0, 61, (2, 24))
   with jax.default_matmul_precision('highest'):
-    logits = np.asarray(ours(tokens))
+    logits = np.asarray(ours(jnp.asarray(tokens)))
   with torch.no_grad():
     expected = model(torch.from_numpy(tokens)).logits.numpy()
   assert np.abs(expected).max() > 1

@@ -7,37 +7,42 @@ import os
 import pytest
 
 import convert as convert_cli
-from test_convert import (HF_CONFIG, MICRO, _assert_converted, _config, _convert, _layout,
-                          _lightning, _save_safetensors, _state, _tiny_bpe, _torch_model, torch)
+from helpers import MICRO
+
+torch = pytest.importorskip('torch')
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from convert_helpers import (HF_CONFIG, assert_converted, config, convert, layout, lightning,
+                             save_safetensors, tiny_bpe, torch_model, torch_state)
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def _err_extra_keys(tmp_path):
-  state = _state(_torch_model(_config()))
+  state = torch_state(torch_model(config()))
   state['teacher.blocks.0.norm1.weight'] = torch.ones(32)
   state['backbone.head.bias'] = torch.ones(3)
-  return [_save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
+  return [save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
 
 
 def _err_missing_key(tmp_path):
-  state = _state(_torch_model(_config()))
+  state = torch_state(torch_model(config()))
   del state['backbone.blocks.1.mlp.2.bias']
-  return [_save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
+  return [save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
 
 
 def _err_shape(tmp_path):
-  state = _state(_torch_model(_config()))
+  state = torch_state(torch_model(config()))
   state['backbone.blocks.0.attn_out.weight'] = torch.ones(32, 31)
-  return [_save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
+  return [save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
 
 
 def _err_no_ema(tmp_path):
-  torch.save({'state_dict': _state(_torch_model(_config()))}, tmp_path / 'm.ckpt')
+  torch.save({'state_dict': torch_state(torch_model(config()))}, tmp_path / 'm.ckpt')
   return [str(tmp_path / 'm.ckpt'), '--preset', 'micro']
 
 
 def _err_ema_shape(tmp_path):
-  ref = _torch_model(_config())
-  src = _lightning(tmp_path, ref, ref)
+  ref = torch_model(config())
+  src = lightning(tmp_path, ref, ref)
   ckpt = torch.load(src, weights_only=False)
   ckpt['ema']['shadow_params'][3] = torch.ones(5)
   torch.save(ckpt, src)
@@ -45,46 +50,46 @@ def _err_ema_shape(tmp_path):
 
 
 def _err_tokenizer(tmp_path):
-  cfg = _config(dataclasses.replace(MICRO, vocab_size=50258))
-  pair, _ = _tiny_bpe(tmp_path)  # 300 tokens + mask: not GPT-2's
-  return [_save_safetensors(_state(_torch_model(cfg)), str(tmp_path / 'm.safetensors')),
+  cfg = config(dataclasses.replace(MICRO, vocab_size=50258))
+  pair, _ = tiny_bpe(tmp_path)  # 300 tokens + mask: not GPT-2's
+  return [save_safetensors(torch_state(torch_model(cfg)), str(tmp_path / 'm.safetensors')),
           '--tokenizer_path', str(pair)]
 
 
 def _err_preset_vocab(tmp_path):
-  return [_save_safetensors(_state(_torch_model(_config())), str(tmp_path / 'm.safetensors')),
+  return [save_safetensors(torch_state(torch_model(config())), str(tmp_path / 'm.safetensors')),
           '--preset', 'owt-small']
 
 
 def _err_unknown_vocab(tmp_path):
-  return [_save_safetensors(_state(_torch_model(_config())), str(tmp_path / 'm.safetensors'))]
+  return [save_safetensors(torch_state(torch_model(config())), str(tmp_path / 'm.safetensors'))]
 
 
 def _err_inv_freq(tmp_path):
-  state = _state(_torch_model(_config()))
+  state = torch_state(torch_model(config()))
   state['backbone.rotary_emb.inv_freq'] = state['backbone.rotary_emb.inv_freq'] ** 0.5
-  return [_save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
+  return [save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
 
 
 def _err_config_json(tmp_path):
-  _save_safetensors(_state(_torch_model(_config())), str(tmp_path / 'src' / 'model.safetensors'))
+  save_safetensors(torch_state(torch_model(config())), str(tmp_path / 'src' / 'model.safetensors'))
   (tmp_path / 'src' / 'config.json').write_text(json.dumps({**HF_CONFIG, 'n_blocks': 3}))
   return [str(tmp_path / 'src'), '--preset', 'micro']
 
 
 def _err_heads_unknown(tmp_path):
-  cfg = _config(dataclasses.replace(MICRO, hidden_size=40))  # micro's preset is d=32
-  state = _state(_torch_model(cfg), buffers=False)
-  return [_save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
+  cfg = config(dataclasses.replace(MICRO, hidden_size=40))  # micro's preset is d=32
+  state = torch_state(torch_model(cfg), buffers=False)
+  return [save_safetensors(state, str(tmp_path / 'm.safetensors')), '--preset', 'micro']
 
 
 def _err_set_contradicts(tmp_path):
-  return [_save_safetensors(_state(_torch_model(_config())), str(tmp_path / 'm.safetensors')),
+  return [save_safetensors(torch_state(torch_model(config())), str(tmp_path / 'm.safetensors')),
           '--preset', 'micro', '--set', 'model.hidden_size=64']
 
 
 def _err_raw_safetensors(tmp_path):
-  return [_save_safetensors(_state(_torch_model(_config())), str(tmp_path / 'm.safetensors')),
+  return [save_safetensors(torch_state(torch_model(config())), str(tmp_path / 'm.safetensors')),
           '--preset', 'micro', '--raw']
 
 
@@ -115,18 +120,18 @@ def test_refusals(make, message, tmp_path, capsys):
 
 
 def test_existing_checkpoint_needs_force(tmp_path, capsys):
-  cfg = _config()
-  first, second = _torch_model(cfg, seed=10), _torch_model(cfg, seed=11)
-  src1 = _layout('safetensors', tmp_path / 'a', first)
-  src2 = _layout('safetensors', tmp_path / 'b', second)
-  _convert(src1, tmp_path / 'out')
+  cfg = config()
+  first, second = torch_model(cfg, seed=10), torch_model(cfg, seed=11)
+  src1 = layout('safetensors', tmp_path / 'a', first)
+  src2 = layout('safetensors', tmp_path / 'b', second)
+  convert(src1, tmp_path / 'out')
   listing = sorted(os.listdir(tmp_path / 'out' / 'checkpoints'))
   with pytest.raises(SystemExit) as exit_info:
     convert_cli.main([str(src2), '--out', str(tmp_path / 'out'), '--preset', 'micro'])
   assert exit_info.value.code == 2
   assert 'already holds a checkpoint: pass --force' in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path / 'out' / 'checkpoints')) == listing
-  _assert_converted(tmp_path / 'out', first, cfg)
-  _convert(src2, tmp_path / 'out', force=True)
-  _assert_converted(tmp_path / 'out', second, cfg)
+  assert_converted(tmp_path / 'out', first, cfg)
+  convert(src2, tmp_path / 'out', force=True)
+  assert_converted(tmp_path / 'out', second, cfg)
   assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoints', 'config.json']

@@ -1,4 +1,4 @@
-"""IMDM: the stochastic infinite-state mask (method.md §2) in the denoiser and the trainer."""
+"""IMDM: the stochastic infinite-state mask (docs/method.md §2) in the denoiser and the trainer."""
 
 import dataclasses
 import os
@@ -12,42 +12,30 @@ import pytest
 from flax import nnx
 
 from imdm_jax import init_from, noise, sharding, train_state, train_step, trainer
-from imdm_jax.config import Config, MeshConfig, ModelConfig
+from imdm_jax.config import Config, MeshConfig
 from imdm_jax.errors import UserError
 
-MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
+from helpers import MICRO, as_imdm, replaced, resampled
+
 MASK = 36
 
 
-def _imdm(cfg: Config, noise_dim=8, **diffusion) -> Config:
-  return dataclasses.replace(
-      cfg, model=dataclasses.replace(cfg.model, noise_dim=noise_dim),
-      diffusion=dataclasses.replace(cfg.diffusion, **diffusion))
-
-
-def _randomised(params, seed):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
-                                      for k, x in zip(keys, leaves)])
-
-
 def _params(cfg: Config, seed=0):
-  return train_state.init_params(cfg, MASK, jax.random.PRNGKey(seed))
+  return train_state.init_params(cfg, jax.random.PRNGKey(seed))
 
 
 def _logits(cfg, params, z, eps=None):
-  return nnx.merge(train_state.model_graphdef(cfg, MASK), params)(z, None, eps)
+  return nnx.merge(train_state.model_graphdef(cfg), params)(z, None, eps, mask_id=MASK)
 
 
 @pytest.mark.parametrize('kind', ['uniform', 'normal', 'learnable', 'finite-1', 'finite-4'])
 def test_imdm_initialised_from_mdlm_is_that_mdlm_for_any_eps(kind):
   mdlm_cfg = Config(model=MICRO)
-  mdlm = _randomised(_params(mdlm_cfg), 1)  # a "trained" MDLM: every weight non-trivial
+  mdlm = resampled(_params(mdlm_cfg), 1)  # a "trained" MDLM: every weight non-trivial
   if kind.startswith('finite'):
-    cfg = _imdm(mdlm_cfg, noise_dim=0, num_mask_states=int(kind[-1]))
+    cfg = as_imdm(mdlm_cfg, noise_dim=0, num_mask_states=int(kind[-1]))
   else:
-    cfg = _imdm(mdlm_cfg, noise_type=kind)
+    cfg = as_imdm(mdlm_cfg, noise_type=kind)
   imdm = init_from.graft(_params(cfg, seed=5), mdlm, 'test')
   z = jax.random.randint(jax.random.PRNGKey(2), (3, 10), 0, 37)  # includes mask positions
   z = z.at[:, ::2].set(MASK)
@@ -58,20 +46,21 @@ def test_imdm_initialised_from_mdlm_is_that_mdlm_for_any_eps(kind):
 
 
 def test_finite_one_state_stays_mdlm_under_training():
-  cfg = _imdm(Config(model=MICRO), noise_dim=0, num_mask_states=1)
-  graphdef = train_state.model_graphdef(cfg, MASK)
-  params = _randomised(_params(cfg), 3)  # so that gradients reach the embeddings
-  batch = {'tokens': jnp.tile(jnp.arange(10)[None], (4, 1)), 'attention_mask': jnp.ones((4, 10))}
-  grads = jax.grad(lambda p: train_step.nelbo_sums(p, graphdef, cfg, batch, jax.random.PRNGKey(0),
-                                                   True)[0])(params)
+  cfg = as_imdm(Config(model=MICRO), noise_dim=0, num_mask_states=1)
+  graphdef = train_state.model_graphdef(cfg)
+  params = resampled(_params(cfg), 3)  # so that gradients reach the embeddings
+  batch = {'tokens': jnp.tile(jnp.arange(10)[None], (4, 1)),
+           'attention_mask': jnp.ones((4, 10), jnp.int32)}
+  grads = jax.grad(lambda p: train_step.loss_sums(p, graphdef, cfg, batch, jax.random.PRNGKey(0),
+                                                  True, mask_id=MASK)[0])(params)
   np.testing.assert_array_equal(grads['vocab_embed']['imdm_states']['embedding'], 0.0)
   assert float(jnp.abs(grads['vocab_embed']['embedding']).sum()) > 0
 
 
 def test_eps_path_is_trainable():
   """A task only eps can solve: all positions masked, target token = [eps_0 > 0] per position."""
-  cfg = _imdm(Config(model=MICRO))
-  graphdef = train_state.model_graphdef(cfg, MASK)
+  cfg = as_imdm(Config(model=MICRO))
+  graphdef = train_state.model_graphdef(cfg)
   params = _params(cfg)
   tx = optax.adam(3e-3)
   opt = tx.init(params)
@@ -80,7 +69,7 @@ def test_eps_path_is_trainable():
   def loss(params, key):
     eps = noise.draw_eps(key, z.shape, cfg)
     target = (eps[..., 0] > 0).astype(jnp.int32)
-    logits = nnx.merge(graphdef, params)(z, None, eps)
+    logits = nnx.merge(graphdef, params)(z, None, eps, mask_id=MASK)
     return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
 
   @jax.jit
@@ -92,80 +81,37 @@ def test_eps_path_is_trainable():
   for i in range(150):
     params, opt = step(params, opt, jax.random.PRNGKey(i))
   eps = noise.draw_eps(jax.random.PRNGKey(10_000), z.shape, cfg)  # fresh, unseen eps
-  pred = jnp.argmax(nnx.merge(graphdef, params)(z, None, eps), -1)
+  pred = jnp.argmax(nnx.merge(graphdef, params)(z, None, eps, mask_id=MASK), -1)
   assert float((pred == (eps[..., 0] > 0)).mean()) > 0.9
   assert float(train_step.noise_output_norm(params)) > 0
 
 
-@pytest.mark.parametrize('noise_type,scale,mean,var', [('uniform', 1.0, 0.0, 1 / 3),
-                                                       ('uniform', 0.5, 0.0, 1 / 12),
-                                                       ('normal', 1.0, 0.0, 1.0),
-                                                       ('learnable', 1.0, 0.0, 1.0)])
-def test_eps_statistics(noise_type, scale, mean, var):
-  cfg = _imdm(Config(model=MICRO), noise_dim=16, noise_type=noise_type, noise_scale=scale)
-  eps = np.asarray(noise.draw_eps(jax.random.PRNGKey(0), (64, 128), cfg))
-  assert eps.shape == (64, 128, 16)
-  n = eps.size
-  assert abs(eps.mean() - mean) < 5 * np.sqrt(var / n)
-  assert abs(eps.var() - var) < 0.01 * var + 5 * np.sqrt(2 * var ** 2 / n)
-  if noise_type == 'uniform':
-    assert eps.min() >= -scale and eps.max() < scale
-  # positions and dimensions are independent: no correlation between neighbours
-  assert abs(np.corrcoef(eps[:, :-1, 0].ravel(), eps[:, 1:, 0].ravel())[0, 1]) < 0.02
-
-
-def test_finite_states_are_uniform():
-  cfg = _imdm(Config(model=MICRO), noise_dim=0, num_mask_states=5)
-  states = np.asarray(noise.draw_eps(jax.random.PRNGKey(0), (200, 100), cfg))
-  assert states.dtype.kind == 'i' and states.min() == 0 and states.max() == 4
-  counts = np.bincount(states.ravel(), minlength=5)
-  expected = states.size / 5
-  assert (np.abs(counts - expected) < 5 * np.sqrt(expected)).all()
-
-
-def test_seeded_eps_is_a_function_of_the_seed_alone():
-  cfg = _imdm(Config(model=MICRO))
-  a = noise.seeded_eps(jnp.array([3, 7, 11]), 10, cfg)
-  b = noise.seeded_eps(jnp.array([11, 3]), 10, cfg)  # other batch, other places
-  np.testing.assert_array_equal(a[0], b[1])
-  np.testing.assert_array_equal(a[2], b[0])
-  np.testing.assert_array_equal(a, noise.seeded_eps(jnp.array([3, 7, 11]), 10, cfg))
-  assert not np.allclose(a[0], a[1])
-
-
-def test_resample_redraws_only_reset_positions():
-  cfg = _imdm(Config(model=MICRO))
-  eps = noise.draw_eps(jax.random.PRNGKey(0), (2, 6), cfg)
-  reset = jnp.array([[True, False, False, True, False, False]] * 2)
-  new = noise.resample(jax.random.PRNGKey(1), eps, reset, cfg)
-  np.testing.assert_array_equal(new[~reset], eps[~reset])
-  assert not np.any(np.isclose(new[reset], eps[reset]))
-
-
 def test_imdm_nelbo_equals_mdlm_nelbo_when_noise_mlp_is_zero():
   mdlm_cfg = Config(model=dataclasses.replace(MICRO, dropout=0.1))
-  cfg = _imdm(mdlm_cfg)
-  mdlm = _randomised(_params(mdlm_cfg), 4)
+  cfg = as_imdm(mdlm_cfg)
+  mdlm = resampled(_params(mdlm_cfg), 4)
   imdm = init_from.graft(_params(cfg), mdlm, 'test')
   x = jax.random.randint(jax.random.PRNGKey(0), (8, 12), 0, 36)
   batch = {'tokens': x, 'attention_mask': jnp.ones_like(x)}
   for train in (False, True):
     key = jax.random.PRNGKey(9)
-    ours = train_step.nelbo_sums(imdm, train_state.model_graphdef(cfg, MASK), cfg, batch, key, train)
-    ref = train_step.nelbo_sums(mdlm, train_state.model_graphdef(mdlm_cfg, MASK), mdlm_cfg, batch,
-                                key, train)
+    ours = train_step.loss_sums(imdm, train_state.model_graphdef(cfg), cfg, batch, key, train,
+                                mask_id=MASK)
+    ref = train_step.loss_sums(mdlm, train_state.model_graphdef(mdlm_cfg), mdlm_cfg, batch,
+                               key, train, mask_id=MASK)
     np.testing.assert_array_equal(ours[0], ref[0])
 
 
 def test_sharded_step_equals_single_device_with_noise_path(micro_cfg):
-  cfg = _imdm(micro_cfg, noise_dim=8)
+  cfg = as_imdm(micro_cfg, noise_dim=8)
   results = []
   for mesh_cfg, devices in ((MeshConfig(data=1, fsdp=1), jax.devices()[:1]),
                             (MeshConfig(data=2, fsdp=4), None)):
     mesh = sharding.make_mesh(mesh_cfg, devices)
     mask_id = cfg.model.vocab_size - 1
-    state = train_state.init_state(cfg, mask_id, mesh)
-    step = train_step.compile_train_step(cfg, train_state.model_graphdef(cfg, mask_id), mesh, state)
+    state = train_state.init_state(cfg, mesh)
+    step = train_step.compile_train_step(cfg, train_state.model_graphdef(cfg), mesh, state,
+                                         mask_id=mask_id)
     rng = np.random.default_rng(0)
     for _ in range(3):
       batch = {'tokens': rng.integers(0, mask_id, (16, 32), dtype=np.int32),
@@ -180,24 +126,21 @@ def test_sharded_step_equals_single_device_with_noise_path(micro_cfg):
 
 def test_init_from_mdlm_run_and_refusals(micro_cfg, tmp_path):
   short = dict(num_steps=2, ckpt_every=2, eval_every=1000, eval_batches=1)
-  mdlm_cfg = dataclasses.replace(micro_cfg, train=dataclasses.replace(micro_cfg.train, **short),
-                                 optim=dataclasses.replace(micro_cfg.optim, warmup_steps=1,
-                                                           ema_decay=0.9))  # EMA != raw weights
+  mdlm_cfg = replaced(micro_cfg, train=short,
+                      optim=dict(warmup_steps=1, ema_decay=0.9))  # EMA != raw weights
   trainer.train(mdlm_cfg, str(tmp_path / 'mdlm'))
-  imdm_cfg = _imdm(mdlm_cfg, noise_dim=8)
-  imdm_cfg = dataclasses.replace(imdm_cfg, train=dataclasses.replace(imdm_cfg.train, num_steps=1))
+  imdm_cfg = replaced(as_imdm(mdlm_cfg, noise_dim=8), train=dict(num_steps=1))
   mesh = sharding.make_mesh(imdm_cfg.mesh)
-  mask_id = imdm_cfg.model.vocab_size - 1
-  ema, saved = init_from.load_ema(str(tmp_path / 'mdlm'), mask_id, mesh)
+  ema, saved, _ = init_from.load_weights(str(tmp_path / 'mdlm'), mesh)
   ckpt = init_from._open(str(tmp_path / 'mdlm'))  # pylint: disable=protected-access
-  full = ckpt.restore(train_state.abstract_state(saved, mask_id, mesh))
+  full = ckpt.restore(train_state.abstract_state(saved, mesh))
   ckpt.close()
   chex.assert_trees_all_equal(ema, full.ema)  # the EMA alone, not the raw weights
   # after 2 steps only the output layer has moved (adaLN-zero blocks start with zero gradients)
   assert not np.array_equal(full.ema['output_layer']['linear']['kernel'],
                             full.params['output_layer']['linear']['kernel'])
-  fresh = train_state.init_state(imdm_cfg, mask_id, mesh)
-  state = init_from.initialise(fresh, imdm_cfg, str(tmp_path / 'mdlm'), mask_id, mesh)
+  fresh = train_state.init_state(imdm_cfg, mesh)
+  state = init_from.initialise(fresh, imdm_cfg, str(tmp_path / 'mdlm'), mesh)
   np.testing.assert_array_equal(state.params['blocks'][1]['mlp_in']['kernel'],
                                 ema['blocks'][1]['mlp_in']['kernel'])
   np.testing.assert_array_equal(state.ema['vocab_embed']['embedding'],
@@ -206,10 +149,10 @@ def test_init_from_mdlm_run_and_refusals(micro_cfg, tmp_path):
   summary = trainer.train(imdm_cfg, str(tmp_path / 'imdm'), init_from=str(tmp_path / 'mdlm'))
   assert summary.step == 1 and np.isfinite(summary.val_ppl)
 
-  wider = dataclasses.replace(imdm_cfg, model=dataclasses.replace(imdm_cfg.model, cond_dim=8))
+  wider = replaced(imdm_cfg, model=dict(cond_dim=8))
   with pytest.raises(UserError, match='blocks/0/adaLN_modulation/kernel has shape'):
     trainer.train(wider, str(tmp_path / 'w'), init_from=str(tmp_path / 'mdlm'))
-  deeper = dataclasses.replace(imdm_cfg, model=dataclasses.replace(imdm_cfg.model, n_blocks=3))
+  deeper = replaced(imdm_cfg, model=dict(n_blocks=3))
   with pytest.raises(UserError, match='blocks/2/adaLN_modulation/bias'):
     trainer.train(deeper, str(tmp_path / 'd'), init_from=str(tmp_path / 'mdlm'))
   with pytest.raises(UserError, match='no checkpoint'):

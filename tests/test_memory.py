@@ -22,8 +22,7 @@ def test_owt_large_fsdp8_holds_an_eighth_of_the_parameters_per_device():
   assert full.params == 4 * OWT_LARGE_PARAMS
   # Independently of the rules: every matrix is split 8 ways, every vector (biases, norm scales)
   # replicated, which costs 0.4 % over an exact eighth.
-  shapes = jax.eval_shape(lambda: train_state.init_params(cfg, cfg.model.vocab_size - 1,
-                                                          jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: train_state.init_params(cfg, jax.random.PRNGKey(0)))
   matrices = sum(x.size for x in jax.tree.leaves(shapes) if x.ndim == 2)
   vectors = sum(x.size for x in jax.tree.leaves(shapes) if x.ndim == 1)
   assert matrices + vectors == OWT_LARGE_PARAMS and matrices % 8 == 0
@@ -53,7 +52,7 @@ def test_owt_large_memory_per_option():
 def test_state_bytes_equal_what_each_device_holds(micro_cfg, shape):
   mesh = sharding.make_mesh(MeshConfig(*shape))
   est = memory.estimate(micro_cfg, mesh)
-  state = train_state.init_state(micro_cfg, micro_cfg.model.vocab_size - 1, mesh)
+  state = train_state.init_state(micro_cfg, mesh)
 
   def per_device(tree) -> set[int]:
     held = {d: 0 for d in mesh.devices.flat}
@@ -76,8 +75,9 @@ def test_activation_estimate_is_close_to_xla_temporary_allocation(preset):
   cfg = config_lib.resolve(name, overrides)
   mesh = sharding.make_mesh(MeshConfig(1, 1), devices=jax.devices()[:1])
   mask_id = cfg.model.vocab_size - 1
-  state = train_state.abstract_state(cfg, mask_id, mesh)
-  step = train_step.compile_train_step(cfg, train_state.model_graphdef(cfg, mask_id), mesh, state)
+  state = train_state.abstract_state(cfg, mesh)
+  step = train_step.compile_train_step(cfg, train_state.model_graphdef(cfg), mesh, state,
+                                       mask_id=mask_id)
   rows = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
                               sharding=sharding.batch_sharding(mesh))
   xla = step.lower(state, {'tokens': rows, 'attention_mask': rows}).compile().memory_analysis()
@@ -99,13 +99,14 @@ def _residual_bytes(cfg) -> int:
   per tensor, but with the dtypes and rematerialisation that XLA:CPU does not show (it computes
   bf16 in float32 and merges remat's recomputation back into the forward pass)."""
   mask_id = cfg.model.vocab_size - 1
-  graphdef = train_state.model_graphdef(cfg, mask_id)
-  params = jax.eval_shape(lambda: train_state.init_params(cfg, mask_id, jax.random.PRNGKey(0)))
+  graphdef = train_state.model_graphdef(cfg)
+  params = jax.eval_shape(lambda: train_state.init_params(cfg, jax.random.PRNGKey(0)))
   rows = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32)
 
   def residuals(p, batch):
     mean = lambda p: jnp.divide(*train_step.loss_sums(p, graphdef, cfg, batch,
-                                                      jax.random.PRNGKey(0), True))
+                                                      jax.random.PRNGKey(0), True,
+                                                      mask_id=mask_id))
     return jax.tree.leaves(jax.vjp(mean, p)[1])
 
   leaves = jax.eval_shape(residuals, params, {'tokens': rows, 'attention_mask': rows})

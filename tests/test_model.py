@@ -10,14 +10,16 @@ from flax import nnx
 
 from imdm_jax import config as config_lib
 from imdm_jax import model as model_lib
-from imdm_jax import port, train_state, train_step
+from imdm_jax import train_state, train_step
 from imdm_jax.config import Config, DiffusionConfig, ModelConfig
+from imdm_jax.convert import dit
 
-MICRO = ModelConfig(vocab_size=37, hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0)
+from helpers import MICRO, resampled
+from torch_weights import params_to_torch
 
 
 def _count(cfg: ModelConfig) -> int:
-  shapes = jax.eval_shape(lambda: train_state.init_params(Config(model=cfg), cfg.vocab_size - 1,
+  shapes = jax.eval_shape(lambda: train_state.init_params(Config(model=cfg),
                                                           jax.random.PRNGKey(0)))
   return train_state.param_count(shapes)
 
@@ -25,7 +27,7 @@ def _count(cfg: ModelConfig) -> int:
 def test_reference_parameter_counts():
   small = ModelConfig(vocab_size=50258, hidden_size=768, n_blocks=12, n_heads=12)
   block = _count(dataclasses.replace(small, n_blocks=1)) - _count(dataclasses.replace(small, n_blocks=0))
-  assert block == 7_677_696  # reference_checkpoints.md
+  assert block == 7_677_696  # docs/conversion.md
   assert round(_count(small) / 1e6, 1) == 169.6
   assert round(_count(dataclasses.replace(small, vocab_size=30522)) / 1e6, 1) == 139.3
   large = dataclasses.replace(small, hidden_size=1536, n_blocks=24, n_heads=16)
@@ -34,17 +36,13 @@ def test_reference_parameter_counts():
 
 def _random_model(cfg: ModelConfig, seed=0, **diffusion) -> model_lib.DiT:
   """A DiT whose zero-initialised layers are random too, so every path carries signal."""
-  m = model_lib.DiT(Config(model=cfg, diffusion=DiffusionConfig(**diffusion)), cfg.vocab_size - 1,
-                    nnx.Rngs(seed))
+  m = model_lib.DiT(Config(model=cfg, diffusion=DiffusionConfig(**diffusion)), nnx.Rngs(seed))
   graphdef, state = nnx.split(m)
-  leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  leaves = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+  return nnx.merge(graphdef, resampled(nnx.to_pure_dict(state), seed + 1, 0.3))
 
 
 def test_fresh_model_outputs_zero_logits():
-  m = model_lib.DiT(Config(model=MICRO), MICRO.vocab_size - 1, nnx.Rngs(0))
+  m = model_lib.DiT(Config(model=MICRO), nnx.Rngs(0))
   logits = m(jnp.zeros((2, 8), jnp.int32))
   assert logits.shape == (2, 8, MICRO.vocab_size)
   np.testing.assert_array_equal(logits, 0.0)  # zero-initialised output layer
@@ -86,8 +84,8 @@ def test_timestep_features_cosine_first():
 def test_port_round_trip_names(noise_dim, noise_type, states):
   cfg = Config(model=dataclasses.replace(MICRO, noise_dim=noise_dim),
                diffusion=DiffusionConfig(noise_type=noise_type, num_mask_states=states))
-  params = nnx.to_pure_dict(nnx.state(model_lib.DiT(cfg, 36, nnx.Rngs(0))))
-  sd = port.params_to_torch(params)
+  params = nnx.to_pure_dict(nnx.state(model_lib.DiT(cfg, nnx.Rngs(0))))
+  sd = params_to_torch(params)
   assert 'blocks.1.mlp.2.weight' in sd and 'sigma_map.mlp.0.bias' in sd
   assert 'output_layer.linear.weight' in sd
   assert sd['blocks.0.attn_qkv.weight'].shape == (96, 32)  # torch [out, in]
@@ -97,7 +95,7 @@ def test_port_round_trip_names(noise_dim, noise_type, states):
     assert 'vocab_embed.imdm_mlp.2.weight' in sd
   if noise_type == 'learnable':
     assert sd['vocab_embed.learnable_noise_mu'].shape == (1, 1, 8)
-  back = port.params_from_torch(sd, params)
+  back = dit.params_from_torch(sd, params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
@@ -106,14 +104,14 @@ def test_port_round_trip_names(noise_dim, noise_type, states):
     (0.0, 8, False, {'noise_type': 'learnable'}), (0.0, 0, False, {'num_mask_states': 3})])
 def test_parity_with_pytorch_reference(softcap, noise_dim, time_cond, diffusion):
   torch = pytest.importorskip('torch')
-  from imdm_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(MICRO, attn_softcap=softcap, noise_dim=noise_dim,
                             time_conditioning=time_cond)
   m = _random_model(cfg, seed=3, **diffusion)
   params = nnx.to_pure_dict(nnx.state(m))
   ref = torch_reference.DIT(Config(model=cfg, diffusion=DiffusionConfig(**diffusion)),
                             cfg.vocab_size - 1).eval()
-  sd = {k: torch.from_numpy(np.array(v)) for k, v in port.params_to_torch(params).items()}
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in params_to_torch(params).items()}
   missing, unexpected = ref.load_state_dict(sd, strict=False)
   assert list(missing) == ['rotary_emb.inv_freq'] and not unexpected
   z = np.array(jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, cfg.vocab_size))
@@ -127,7 +125,8 @@ def test_parity_with_pytorch_reference(softcap, noise_dim, time_cond, diffusion)
   imdm = bool(noise_dim or diffusion)
   sigma = np.array([0.3, 1.7], np.float32)
   with jax.default_matmul_precision('highest'):
-    ours = np.asarray(m(jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(eps) if imdm else None))
+    ours = np.asarray(m(jnp.asarray(z), jnp.asarray(sigma), jnp.asarray(eps) if imdm else None,
+                         mask_id=cfg.vocab_size - 1))
   with torch.no_grad():
     theirs = ref(torch.from_numpy(z).long(), torch.from_numpy(sigma), eps_t if imdm else None).numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
@@ -160,7 +159,7 @@ def test_remat_gives_the_same_loss_and_gradients(arch):
   the recomputation reuses its keys), fewer saved residuals (tests/test_memory.py counts them)."""
   cfg = config_lib.resolve('micro', [f'model.arch={arch}', 'model.attn_softcap=5.0'])
   mask_id = cfg.model.vocab_size - 1
-  params = train_state.init_params(cfg, mask_id, jax.random.PRNGKey(0))
+  params = train_state.init_params(cfg, jax.random.PRNGKey(0))
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
                         params)
   B, L = 4, cfg.data.seq_len
@@ -169,10 +168,11 @@ def test_remat_gives_the_same_loss_and_gradients(arch):
   out = []
   for remat in ('false', 'true'):
     c = config_lib.apply_overrides(cfg, [f'model.remat={remat}'])
-    graphdef = train_state.model_graphdef(c, mask_id)
+    graphdef = train_state.model_graphdef(c)
 
     def mean_loss(p, c=c, graphdef=graphdef):
-      total, count = train_step.loss_sums(p, graphdef, c, batch, jax.random.PRNGKey(3), True)
+      total, count = train_step.loss_sums(p, graphdef, c, batch, jax.random.PRNGKey(3), True,
+                                          mask_id=mask_id)
       return total / count
 
     out.append(jax.jit(jax.value_and_grad(mean_loss))(params))

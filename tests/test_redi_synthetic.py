@@ -1,4 +1,4 @@
-"""ReDi lets an IMDM beat the MDM one-step ceiling on the repeated-token task (method.md §5).
+"""ReDi lets an IMDM beat the MDM one-step ceiling on the repeated-token task (docs/method.md §5).
 
 Sequences of L = 4 copies of one token c ~ U{0..3}. A one-step MDM samples positions
 independently, so at best a fraction 4^-(L-1) = 1/64 of its samples are constant. Couplings from
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imdm_jax import noise, redi, sampler, sharding, train_state, train_step
+from imdm_jax import noise, sampler, sampling, sharding, train_state, train_step
 from imdm_jax.config import Config, DiffusionConfig, ModelConfig, OptimConfig, TrainConfig
 
 V_S, L = 4, 4
@@ -39,14 +39,14 @@ def _couplings(n, rng):
 
 
 def _one_step_constant_fraction(params, n=4096):
-  graphdef = train_state.model_graphdef(CFG, MASK)
+  graphdef = train_state.model_graphdef(CFG)
   scfg = sampler.SamplerConfig(steps=1)
   z = jnp.full((n, L), MASK, jnp.int32)
   eps = noise.draw_eps(jax.random.PRNGKey(123), z.shape, CFG)  # fresh eps, never trained on
+  denoise = sampling.model_denoiser(graphdef, CFG, MASK)
   with jax.enable_x64(True):
-    x, _ = jax.jit(lambda p: sampler.sample(sampler.model_denoiser(p, graphdef, CFG),
-                                            jax.random.PRNGKey(7), z, eps, mask_id=MASK, cfg=CFG,
-                                            scfg=scfg))(params)
+    x, _ = jax.jit(lambda p: sampler.sample(denoise, p, jax.random.PRNGKey(7), z, eps, mask_id=MASK,
+                                            cfg=CFG, scfg=scfg))(params)
   x = np.asarray(x)
   constant = (x == x[:, :1]).all(-1)
   return constant.mean(), len(np.unique(x[constant, 0]))
@@ -54,10 +54,10 @@ def _one_step_constant_fraction(params, n=4096):
 
 def test_redi_beats_the_one_step_mdm_ceiling():
   mesh = sharding.make_mesh(CFG.mesh, devices=jax.devices()[:1])  # small: no collectives
-  state = train_state.init_state(CFG, MASK, mesh)
+  state = train_state.init_state(CFG, mesh)
   before, _ = _one_step_constant_fraction(state.params)
-  step = train_step.compile_train_step(CFG, train_state.model_graphdef(CFG, MASK), mesh, state,
-                                       redi.redi_step)
+  step = train_step.compile_train_step(CFG, train_state.model_graphdef(CFG), mesh, state,
+                                       train_step.redi_step, mask_id=MASK)
   # few pairs, memorised sharply: with an eps-blind teacher the pairs (eps, c) are random, and a
   # sharp fit is what carries over to fresh eps (shared/spec/synthetic_notes.md); a small D helps
   pairs = _couplings(256, np.random.default_rng(0))

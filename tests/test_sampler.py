@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imdm_jax import reveal_groups, sampler, sharding, train_state
+from imdm_jax import reveal_groups, sampler, sampling, sharding, train_state
 from imdm_jax.config import Config, MeshConfig, ModelConfig
+
+from helpers import oracle_denoiser, perturbed
 
 V0, L = 3, 3  # data tokens {0, 1, 2}, mask id 3
 MASK = V0
@@ -22,16 +24,7 @@ JOINT = _W / _W.sum()
 CFG = Config(model=ModelConfig(vocab_size=V0 + 1, noise_dim=4))  # eps is used only when given
 
 
-def oracle(z, eps, t):
-  """The exact x_theta: P(x_l = v | the unmasked tokens of z) under JOINT."""
-  del eps, t
-  configs = jnp.asarray(CONFIGS)
-  compatible = jnp.all((z[:, None, :] == MASK) | (z[:, None, :] == configs[None]), axis=-1)
-  w = jnp.asarray(JOINT, jnp.float32)[None] * compatible  # [B, 27]
-  w = w / w.sum(-1, keepdims=True)
-  x_theta = jnp.einsum('bc,clv->blv', w, jax.nn.one_hot(configs, V0))
-  logits = jnp.log(jnp.maximum(x_theta, 1e-30))
-  return jnp.concatenate([logits, jnp.zeros_like(logits[..., :1])], -1)  # mask logit: SUBS drops
+oracle = oracle_denoiser(CONFIGS, JOINT, MASK)  # the exact x_theta under JOINT
 
 
 def _empirical(samples):
@@ -58,7 +51,7 @@ def _run(steps, n=20_000, imdm=False, seed=0, sample=sampler.sample, z=None, t0=
   z = jnp.full((n, L), MASK, jnp.int32) if z is None else z
   eps = jnp.zeros((n, L, 4)) if imdm else None
   with jax.enable_x64(scfg.float64):
-    run = jax.jit(lambda key, z, eps: sample(oracle, key, z, eps, mask_id=MASK, cfg=CFG, scfg=scfg,
+    run = jax.jit(lambda key, z, eps: sample(oracle, None, key, z, eps, mask_id=MASK, cfg=CFG, scfg=scfg,
                                              t0=t0))
     x, stats = run(jax.random.PRNGKey(seed), z, eps)
   return np.asarray(x), jax.device_get(stats)
@@ -176,26 +169,21 @@ def test_reset_frequency_matches_the_posterior():
 def _dit(noise_dim=0):
   cfg = Config(model=ModelConfig(vocab_size=17, hidden_size=32, n_blocks=2, n_heads=2,
                                  cond_dim=16, dropout=0.0, noise_dim=noise_dim))
-  params = train_state.init_params(cfg, 16, jax.random.PRNGKey(0))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape)
-                                        for k, x in zip(keys, leaves)])
-  return cfg, params
+  return cfg, perturbed(train_state.init_params(cfg, jax.random.PRNGKey(0)), 1, 0.5)
 
 
 @pytest.mark.parametrize('noise_dim', [0, 8])
 def test_cached_equals_uncached_and_prefix_is_kept(noise_dim):
   cfg, params = _dit(noise_dim)
   mesh = sharding.make_mesh(MeshConfig())
-  graphdef = train_state.model_graphdef(cfg, 16)
+  graphdef = train_state.model_graphdef(cfg)
   z = jnp.full((8, 12), 16, jnp.int32).at[:, :3].set(jnp.array([4, 5, 6]))  # a clamped prefix
   z = z.at[:, 7].set(9)  # and an infilling constraint
   eps = jax.random.uniform(jax.random.PRNGKey(2), (8, 12, noise_dim)) if noise_dim else None
   out = {}
   for cache in (True, False):
-    run = sampler.compile_sampler(cfg, graphdef, mesh, sampler.SamplerConfig(steps=64, cache=cache),
-                                  16)
+    run = sampling.compile_sampler(cfg, graphdef, mesh,
+                                   sampler.SamplerConfig(steps=64, cache=cache), 16)
     out[cache] = jax.device_get(run(params, jax.random.PRNGKey(3), z, eps))
   np.testing.assert_array_equal(out[True][0], out[False][0])
   x, stats = out[True]
@@ -207,14 +195,15 @@ def test_cached_equals_uncached_and_prefix_is_kept(noise_dim):
 
 def test_start_time_and_greedy_final():
   cfg, params = _dit()
-  graphdef = train_state.model_graphdef(cfg, 16)
-  denoiser = sampler.model_denoiser(params, graphdef, cfg)
+  graphdef = train_state.model_graphdef(cfg)
+  denoise = sampling.model_denoiser(graphdef, cfg, 16)
   z = jnp.full((4, 12), 16, jnp.int32)
   scfg = sampler.SamplerConfig(steps=1, final='greedy')
-  x, _ = sampler.sample(denoiser, jax.random.PRNGKey(0), z, None, mask_id=16, cfg=cfg, scfg=scfg)
-  expected = jnp.argmax(denoiser(z, None, jnp.ones((4,)))[..., :16], -1)
+  x, _ = sampler.sample(denoise, params, jax.random.PRNGKey(0), z, None, mask_id=16, cfg=cfg,
+                        scfg=scfg)
+  expected = jnp.argmax(denoise(params, z, None, jnp.ones((4,)))[..., :16], -1)
   np.testing.assert_array_equal(x, expected)
-  np.testing.assert_allclose(sampler.time_grid(4, 0.5), 0.5 * np.linspace(1, 1e-5, 5), rtol=1e-6)
+  np.testing.assert_allclose(sampler.time_grid(4), np.linspace(1, 1e-5, 5), rtol=1e-6)
 
 
 def test_float64_draws_keep_the_tail_float32_truncates_it():

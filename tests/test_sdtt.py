@@ -1,5 +1,5 @@
-"""SDTT: divergences, teacher grids and targets, 64-bit teacher draws, frozen teachers and round
-boundaries."""
+"""SDTT: teacher grids and targets, 64-bit teacher draws, frozen teachers and round boundaries
+(the divergences: tests/test_loss.py)."""
 
 import dataclasses
 import os
@@ -11,37 +11,21 @@ import numpy as np
 import pytest
 
 from imdm_jax import config as config_lib
-from imdm_jax import distillation, init_from, loss, sampler, sdtt, sharding, train_state, trainer
-from imdm_jax.config import Config, DistillConfig, ModelConfig
-from imdm_jax.errors import UserError
+from imdm_jax import (distillation, init_from, loss, sampler, sdtt, sharding, train_state,
+                      train_step, trainer)
+from imdm_jax.config import Config, ModelConfig, SdttConfig
 
-
-@pytest.mark.parametrize('kind', ['kl-bwd', 'kl-fwd', 'mse', 'tvd'])
-def test_divergences_match_direct_formulas(kind):
-  rng = np.random.default_rng(0)
-  a = rng.normal(size=(2, 3, 6)) * 2
-  b = rng.normal(size=(2, 3, 6)) * 2
-  a[..., 5] = b[..., 5] = loss.NEG_INF  # a token neither side can produce (the mask)
-  log_s = a - np.log(np.exp(a).sum(-1, keepdims=True))
-  log_t = b - np.log(np.exp(b).sum(-1, keepdims=True))
-  s, t = np.exp(log_s), np.exp(log_t)
-  expected = {'kl-bwd': (s * (log_s - log_t)).sum(-1), 'kl-fwd': (t * (log_t - log_s)).sum(-1),
-              'mse': ((log_s - log_t)[..., :5] ** 2).sum(-1) / 6,
-              'tvd': 0.5 * np.abs(s - t).sum(-1)}[kind]
-  got = loss.divergence(jnp.asarray(log_s, jnp.float32), jnp.asarray(log_t, jnp.float32), kind)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(loss.divergence(jnp.asarray(log_s), jnp.asarray(log_s), kind), 0.0,
-                             atol=1e-6)
+from helpers import perturbed, replaced
 
 
 V, MASK, L = 6, 5, 8
 CFG = Config(model=ModelConfig(vocab_size=V))
 
 
-def _denoiser(z, eps, t):
+def _denoiser(params, z, eps, t):
   """Each position's prediction is deterministic (token l % 5), and the logits also carry the
   number of masks in the input, so the x_theta of step 1 and step 2 differ."""
-  del eps, t
+  del params, eps, t
   masks = jnp.sum(z == MASK, axis=-1, keepdims=True)[..., None].astype(jnp.float32)  # [B, 1, 1]
   target = jax.nn.one_hot(jnp.arange(z.shape[1]) % 5, V)[None]
   return 60.0 * target + 0.01 * masks * jnp.arange(V)
@@ -50,56 +34,50 @@ def _denoiser(z, eps, t):
 def test_teacher_targets_come_from_the_revealing_step():
   z_t = jnp.full((64, L), MASK).at[:, 0].set(0)
   t = jnp.full((64,), 0.5)
-  target, revealed_in = sdtt.teacher_targets(_denoiser, jax.random.PRNGKey(0), z_t, None, t,
-                                             jnp.float32(0.1), MASK, CFG)
+  target, revealed_in = sdtt.teacher_targets(_denoiser, None, jax.random.PRNGKey(0), z_t, None, t,
+                                             jnp.float32(0.1), MASK, 'intended')
   revealed_in = np.asarray(revealed_in)
   assert (revealed_in == 1).any() and (revealed_in == 2).any() and (revealed_in == 0).any()
   assert (revealed_in[:, 0] == 0).all()  # position 0 was never masked
-  log_x1 = np.asarray(loss.subs_log_probs(_denoiser(z_t, None, t), z_t, MASK))
+  log_x1 = np.asarray(loss.subs_log_probs(_denoiser(None, z_t, None, t), z_t, MASK))
   for b in range(64):
     # the tokens are deterministic, so z1 is z_t with step 1's reveals filled in
     z1 = np.where(revealed_in[b] == 1, np.arange(L) % 5, np.asarray(z_t[b]))
-    log_x2 = np.asarray(loss.subs_log_probs(_denoiser(jnp.asarray(z1)[None], None, t), z1[None],
-                                            MASK))[0]
+    z1 = jnp.asarray(z1)[None]
+    log_x2 = np.asarray(loss.subs_log_probs(_denoiser(None, z1, None, t), z1, MASK))[0]
     for l in range(1, L):
       expected = log_x1[b, l] if revealed_in[b, l] == 1 else log_x2[l]
       np.testing.assert_allclose(target[b, l], expected, rtol=1e-6)
   # a huge step reveals everything in step 1; a tiny one nothing
-  _, all_first = sdtt.teacher_targets(_denoiser, jax.random.PRNGKey(1), z_t, None, t,
-                                      jnp.float32(1.0), MASK, CFG)
+  _, all_first = sdtt.teacher_targets(_denoiser, None, jax.random.PRNGKey(1), z_t, None, t,
+                                      jnp.float32(1.0), MASK, 'intended')
   assert (np.asarray(all_first)[:, 1:] == 1).all()
-  _, none = sdtt.teacher_targets(_denoiser, jax.random.PRNGKey(1), z_t, None, t,
-                                 jnp.float32(1e-9), MASK, CFG)
+  _, none = sdtt.teacher_targets(_denoiser, None, jax.random.PRNGKey(1), z_t, None, t,
+                                 jnp.float32(1e-9), MASK, 'intended')
   assert (np.asarray(none) == 0).all()
 
 
-def _sdtt_cfg(micro_cfg, **distill):
-  return dataclasses.replace(
-      micro_cfg, model=dataclasses.replace(micro_cfg.model, dropout=0.0),
-      distill=dataclasses.replace(DistillConfig(), **distill),
-      train=dataclasses.replace(micro_cfg.train, eval_every=1000, eval_batches=1, ckpt_every=3,
-                                log_every=1))
+def _sdtt_cfg(micro_cfg, **sdtt_keys):
+  return replaced(micro_cfg, model=dict(dropout=0.0), sdtt=sdtt_keys,
+                  train=dict(eval_every=1000, eval_batches=1, ckpt_every=3, log_every=1))
 
 
 def test_loss_is_zero_when_the_student_is_the_two_step_teacher(micro_cfg, tmp_path):
   cfg = _sdtt_cfg(micro_cfg)
-  trainer.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=3)),
-                str(tmp_path / 'teacher'))
+  trainer.train(replaced(cfg, train=dict(num_steps=3)), str(tmp_path / 'teacher'))
   mesh = sharding.make_mesh(cfg.mesh)
   mask_id = cfg.model.vocab_size - 1
   program = distillation.sdtt_program(cfg)
-  state = program.init(cfg, mask_id, mesh, str(tmp_path / 'teacher'))
-  leaves, treedef = jax.tree.flatten(state.teacher)  # a teacher whose output depends on z
-  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-  sharp = jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape)
-                                       for k, x in zip(keys, leaves)])
+  state = program.init(cfg, mesh, str(tmp_path / 'teacher'))
+  sharp = perturbed(state.teacher, 0, 0.5)  # a teacher whose output depends on z
   state = state.replace(teacher=sharp, student=state.student.replace(params=sharp))
   # round 10: dt ~ 1, so the teacher's first step reveals every position and the target is the
   # teacher's (= the student's) own x_theta at z_t: nothing to learn
   state = state.replace(round=jnp.int32(10))
-  graphdef = train_state.model_graphdef(cfg, mask_id)
+  graphdef = train_state.model_graphdef(cfg)
   # compiled: eager op-by-op dispatch over 8 sharded CPU devices has aborted in CI
-  step = jax.jit(lambda state, batch: sdtt.sdtt_step(state, batch, graphdef=graphdef, cfg=cfg))
+  step = jax.jit(lambda state, batch: train_step.sdtt_step(state, batch, graphdef=graphdef, cfg=cfg,
+                                                           mask_id=mask_id))
   batch = {'tokens': jnp.asarray(np.random.default_rng(0).integers(0, mask_id, (16, 32)), jnp.int32),
            'attention_mask': jnp.ones((16, 32), jnp.int32)}
   _, out = step(state, batch)
@@ -111,12 +89,9 @@ def test_loss_is_zero_when_the_student_is_the_two_step_teacher(micro_cfg, tmp_pa
 def test_teacher_frozen_within_a_round_and_replaced_at_boundaries(micro_cfg, tmp_path):
   cfg = _sdtt_cfg(micro_cfg, round_steps=3, num_rounds=2)
   # dropout in the student (not the teacher) makes the gradient non-zero even at round 0
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.1))
-  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=6))
-  trainer.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=2)),
-                str(tmp_path / 'teacher'))
-  teacher_ema, _ = init_from.load_ema(str(tmp_path / 'teacher'), cfg.model.vocab_size - 1,
-                                      sharding.make_mesh(cfg.mesh))
+  cfg = replaced(cfg, model=dict(dropout=0.1), train=dict(num_steps=6))
+  trainer.train(replaced(cfg, train=dict(num_steps=2)), str(tmp_path / 'teacher'))
+  teacher_ema = init_from.load_weights(str(tmp_path / 'teacher'), sharding.make_mesh(cfg.mesh)).params
   program = distillation.sdtt_program(cfg)
   snapshots = {}
   orig_before = program.before_step
@@ -139,7 +114,7 @@ def test_teacher_frozen_within_a_round_and_replaced_at_boundaries(micro_cfg, tmp
   assert not np.array_equal(leaf(snapshots[4][1]), leaf(snapshots[3][1]))
   # the teacher has no optimizer state: Adam's moments mirror the student's parameters only
   restored = trainer.checkpoint.Checkpointer(str(tmp_path / 'sdtt' / 'checkpoints')).restore(
-      program.abstract(cfg, cfg.model.vocab_size - 1, sharding.make_mesh(cfg.mesh)))
+      program.abstract(cfg, sharding.make_mesh(cfg.mesh)))
   n_student = len(jax.tree.leaves(restored.student.params))
   assert len(jax.tree.leaves(restored.student.opt_state)) == 2 * n_student + 2
   assert int(restored.round) == 1 and int(restored.student.step) == 6
@@ -147,10 +122,10 @@ def test_teacher_frozen_within_a_round_and_replaced_at_boundaries(micro_cfg, tmp
 
 
 def _targets(grid, t, dt, key=0):
-  cfg = dataclasses.replace(CFG, distill=dataclasses.replace(CFG.distill, teacher_grid=grid))
   z_t = jnp.full(t.shape + (L,), MASK).at[:, 0].set(0)
-  return jax.jit(lambda key, t: sdtt.teacher_targets(_denoiser, key, z_t, None, t, jnp.float32(dt),
-                                                     MASK, cfg))(jax.random.PRNGKey(key), t)
+  return jax.jit(lambda key, t: sdtt.teacher_targets(_denoiser, None, key, z_t, None, t,
+                                                     jnp.float32(dt), MASK, grid)
+                 )(jax.random.PRNGKey(key), t)
 
 
 @pytest.mark.parametrize('grid,steps', [
@@ -162,7 +137,7 @@ def test_teacher_grids_by_hand_and_the_reveal_rates_they_give(grid, steps):
   """(start, length) of the teacher's two steps at t = 0.5, dt = 0.1, and the share of masked
   positions each step reveals: length / start of those still masked."""
   t = jnp.full((4096,), 0.5)
-  got = np.asarray(sdtt.teacher_steps(t, jnp.float32(0.1), grid))  # [2 steps, (start, length), B]
+  got = np.asarray(sdtt.two_teacher_steps(t, jnp.float32(0.1), grid))  # [2 steps, (start, length), B]
   np.testing.assert_allclose(got, np.broadcast_to(np.asarray(steps)[..., None], got.shape),
                              rtol=1e-6)
   _, revealed_in = _targets(grid, t, 0.1)
@@ -174,22 +149,18 @@ def test_teacher_grids_by_hand_and_the_reveal_rates_they_give(grid, steps):
 
 def test_slip_grid_clamps_its_starts_and_late_steps_reveal_everything():
   t = jnp.array([0.1])
-  (s1, _), (s2, _) = sdtt.teacher_steps(t, jnp.float32(0.1), 'slip')
+  (s1, _), (s2, _) = sdtt.two_teacher_steps(t, jnp.float32(0.1), 'slip')
   np.testing.assert_allclose([float(s1[0]), float(s2[0])], [0.01, 1e-5], rtol=1e-5)  # -0.09 -> eps
   for grid in ('intended', 'wide', 'slip'):  # steps reaching below 0 reveal every position
     _, revealed_in = _targets(grid, jnp.full((64,), 0.1), 0.1)
     assert (np.asarray(revealed_in)[:, 1:] > 0).all()
 
 
-def test_teacher_base_steps_sets_the_round_zero_teacher():
-  assert DistillConfig().teacher_base_steps == 1024
+def test_base_steps_sets_the_round_zero_teacher():
   for base, round_, steps in ((1024, 0, 1024), (1024, 7, 8), (16, 0, 16), (16, 2, 4)):
-    cfg = dataclasses.replace(CFG, distill=DistillConfig(teacher_base_steps=base))
+    cfg = dataclasses.replace(CFG, sdtt=SdttConfig(base_steps=base))
     np.testing.assert_allclose(float(sdtt.teacher_dt(cfg, jnp.int32(round_))), 0.999 / steps,
                                rtol=1e-6)
-  with pytest.raises(UserError, match='teacher_base_steps'):
-    config_lib.resolve('micro', ['distill.teacher_base_steps=0'])
-  assert config_lib.resolve('micro', ['distill.teacher_grid=slip']).distill.teacher_grid == 'slip'
 
 
 def test_exponential_variates_from_64_bits():
@@ -241,24 +212,19 @@ def test_sdtt_step_differs_from_a_float32_race_only_in_its_draws(monkeypatch):
                data=dataclasses.replace(Config().data, seq_len=16),
                train=dataclasses.replace(Config().train, batch_size=8))
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-  student = train_state.init_state(cfg, 32, mesh)
-  leaves, treedef = jax.tree.flatten(student.params)
-
-  def randomised(seed):  # outputs that depend on z, and a teacher unlike the student
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape)
-                                        for k, x in zip(keys, leaves)])
-
+  student = train_state.init_state(cfg, mesh)
+  # outputs that depend on z, and a teacher unlike the student
+  randomised = lambda seed: perturbed(student.params, seed, 0.5)
   state = sdtt.SdttState(student=student.replace(params=randomised(0)), teacher=randomised(1),
                          round=jnp.int32(0))
-  graphdef = train_state.model_graphdef(cfg, 32)
+  graphdef = train_state.model_graphdef(cfg)
   batch = {'tokens': jnp.asarray(np.random.default_rng(0).integers(0, 32, (8, 16)), jnp.int32),
            'attention_mask': jnp.ones((8, 16), jnp.int32)}
   ours = sdtt.categorical
 
   def run(categorical, round_):
     monkeypatch.setattr(sdtt, 'categorical', categorical)
-    step = jax.jit(lambda s, b: sdtt.sdtt_step(s, b, graphdef=graphdef, cfg=cfg))
+    step = jax.jit(lambda s, b: train_step.sdtt_step(s, b, graphdef=graphdef, cfg=cfg, mask_id=32))
     return jax.device_get(step(state.replace(round=jnp.int32(round_)), batch))
 
   late = run(ours, 11)
@@ -267,54 +233,45 @@ def test_sdtt_step_differs_from_a_float32_race_only_in_its_draws(monkeypatch):
   assert run(ours, 6)[1]['loss'] != run(sampler.categorical, 6)[1]['loss']
 
 
-def _perturbed(params, seed):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape)
-                                      for k, x in zip(keys, leaves)])
-
-
 @pytest.mark.parametrize('method', ['sdtt', 'redi'])
 def test_distillation_steps_accumulate_like_the_train_step(micro_cfg, method, monkeypatch):
   """k = 2 micro-batches give the k = 1 update. For SDTT the teacher draws per micro-batch, so
   the check uses a round-0 teacher of one step (dt = 1 - eps: every masked position is revealed
   in its first step, so the targets do not depend on the draws)."""
-  from imdm_jax import redi, train_step  # pylint: disable=g-import-not-at-top
   cfg = config_lib.apply_overrides(micro_cfg, [
-      'model.dropout=0.0', 'model.noise_dim=4', 'distill.teacher_base_steps=1'])
+      'model.dropout=0.0', 'model.noise_dim=4', 'sdtt.base_steps=1'])
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   mask_id = cfg.model.vocab_size - 1
-  graphdef = train_state.model_graphdef(cfg, mask_id)
+  graphdef = train_state.model_graphdef(cfg)
   rng = np.random.default_rng(0)
   B, Lc = cfg.train.batch_size, cfg.data.seq_len
   tokens = rng.integers(0, mask_id, (B, Lc)).astype(np.int32)
   valid = (np.arange(Lc)[None] < rng.integers(Lc // 2, Lc + 1, (B, 1))).astype(np.int32)
   if method == 'sdtt':
-    step_fn, batch = sdtt.sdtt_step, {'tokens': tokens, 'attention_mask': valid}
+    step_fn, batch = train_step.sdtt_step, {'tokens': tokens, 'attention_mask': valid}
   else:
     z = np.where(rng.random((B, Lc)) < 0.6, mask_id, tokens).astype(np.int32)
-    step_fn = redi.redi_step
+    step_fn = train_step.redi_step
     batch = {'z_T': z, 'x_hat': tokens, 't': rng.uniform(0.1, 1.0, B).astype(np.float32),
              'seed': np.arange(B, dtype=np.int32), 'attention_mask': valid}
-  module = sdtt if method == 'sdtt' else redi
-  used, original = [], module.accumulate_gradients
+  used, original = [], train_step.accumulate_gradients
 
   def recording(sums, params, rows, key, k):  # so that an ignored grad_accum cannot pass
     used.append(k)
     return original(sums, params, rows, key, k)
 
-  monkeypatch.setattr(module, 'accumulate_gradients', recording)
+  monkeypatch.setattr(train_step, 'accumulate_gradients', recording)
   results = []
   for k in (1, 2):
     kcfg = config_lib.apply_overrides(cfg, [f'train.grad_accum={k}'])
-    student = train_state.init_state(kcfg, mask_id, mesh)
+    student = train_state.init_state(kcfg, mesh)
     # random weights everywhere (the output layer and noise path start at zero), and a teacher
     # unlike the student
-    params = _perturbed(student.params, 0)
+    params = perturbed(student.params, 0, 0.3)
     student = student.replace(params=params, ema=jax.tree.map(jnp.copy, params))
     state = student if method == 'redi' else sdtt.SdttState(
-        student=student, teacher=_perturbed(params, 1), round=jnp.zeros((), jnp.int32))
-    step = train_step.compile_train_step(kcfg, graphdef, mesh, state, step_fn)
+        student=student, teacher=perturbed(params, 1, 0.3), round=jnp.zeros((), jnp.int32))
+    step = train_step.compile_train_step(kcfg, graphdef, mesh, state, step_fn, mask_id=mask_id)
     state, out = step(state, sharding.to_global(batch, mesh))
     results.append((float(out['loss']), state if method == 'redi' else state.student))
   (loss_1, state_1), (loss_2, state_2) = results

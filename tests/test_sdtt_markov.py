@@ -1,9 +1,9 @@
-"""SDTT improves the few-step samples of an MDLM on a Markov-chain "language" (method.md §3).
+"""SDTT improves the few-step samples of an MDLM on a Markov-chain "language" (docs/method.md §3).
 
 The language: sequences of L = 16 symbols from {0..7}, a stationary first-order chain that counts
 up (s -> s + 1 mod 8, probability 0.8) or resets to 0 (0.2). From every symbol 6 of the 8
 successors are impossible, and the marginal is peaked at small symbols. A micro DiT learns it by
-the NELBO, then two SDTT rounds (kl-bwd, from a coarse 8-step teacher: `teacher_base_steps=8`)
+the NELBO, then two SDTT rounds (kl-bwd, from a coarse 8-step teacher: `base_steps=8`)
 turn it into a 2-step sampler. Scored exactly under the chain, the student's 2-step samples hold
 far fewer impossible transitions than the undistilled model's (measured: 38% -> 18%; the model's
 own 4-step samples: ~24%), and many more of them are valid paths of the chain (0.2% -> 5.8%).
@@ -14,7 +14,7 @@ positions revealed together agree more often. With kl-fwd (optimum: the arithmet
 the MDLM's own marginals when the teacher is consistent) the student does not move (measured:
 37.9% -> 38.8%). The price is diversity: the unigram entropy falls (1.93 -> 1.34 nats; data 1.96)
 and the samples' bigram distribution moves away from the chain's (total variation 0.42 -> 0.52)
-— an MDLM's per-step factorization error is not removed, only traded (method.md §2). Hence the
+— an MDLM's per-step factorization error is not removed, only traded (docs/method.md §2). Hence the
 peaked marginal: on a chain with uniform ones (s -> s + 1 or s + 3 mod 8) there is nothing to
 sharpen, and SDTT gained nothing (measured at 2 steps: 45% -> 47%; at 4: 28% -> 28%). The test
 asserts the gain and guards against a collapse (entropy, distinct samples); it prints the rest.
@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imdm_jax import sampler, sdtt, sharding, train_state, train_step
-from imdm_jax.config import (Config, DataConfig, DistillConfig, ModelConfig, OptimConfig,
-                             TrainConfig)
+from imdm_jax import sampler, sampling, sdtt, sharding, train_state, train_step
+from imdm_jax.config import Config, DataConfig, ModelConfig, OptimConfig, SdttConfig, TrainConfig
 
 V_S, L, MASK = 8, 16, 8
 COUNT_UP = 0.8
@@ -44,7 +43,7 @@ CFG = Config(model=ModelConfig(vocab_size=V_S + 1, hidden_size=32, n_blocks=2, n
              data=DataConfig(seq_len=L),
              optim=OptimConfig(lr=3e-3, warmup_steps=20, ema_decay=0.99),
              train=TrainConfig(batch_size=64),
-             distill=DistillConfig(teacher_base_steps=8, divergence='kl-bwd'))
+             sdtt=SdttConfig(base_steps=8, divergence='kl-bwd'))
 SDTT_CFG = dataclasses.replace(CFG, optim=dataclasses.replace(CFG.optim, lr=1e-3, warmup_steps=10))
 TRAIN_STEPS, ROUNDS, ROUND_STEPS, SAMPLE_STEPS = 300, 2, 100, 2
 
@@ -81,21 +80,22 @@ def _batches(rng):
 
 def test_sdtt_lowers_impossible_transitions_of_two_step_samples():
   mesh = sharding.make_mesh(CFG.mesh, devices=jax.devices()[:1])  # small: no collectives
-  graphdef = train_state.model_graphdef(CFG, MASK)
+  graphdef = train_state.model_graphdef(CFG)
   batches = _batches(np.random.default_rng(1))
   put = lambda b: sharding.to_global(b, mesh)
 
-  state = train_state.init_state(CFG, MASK, mesh)
-  step = train_step.compile_train_step(CFG, graphdef, mesh, state)
+  state = train_state.init_state(CFG, mesh)
+  step = train_step.compile_train_step(CFG, graphdef, mesh, state, mask_id=MASK)
   for _ in range(TRAIN_STEPS):
     state, _ = step(state, put(next(batches)))
   mdlm = state.ema
 
   # the student and teacher start from the EMA weights, as `distillation.sdtt_program` does
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # separate buffers: the step donates
-  student = train_state.init_state(SDTT_CFG, MASK, mesh).replace(params=copy(mdlm), ema=copy(mdlm))
+  student = train_state.init_state(SDTT_CFG, mesh).replace(params=copy(mdlm), ema=copy(mdlm))
   dstate = sdtt.SdttState(student=student, teacher=copy(mdlm), round=jnp.zeros((), jnp.int32))
-  dstep = train_step.compile_train_step(SDTT_CFG, graphdef, mesh, dstate, sdtt.sdtt_step)
+  dstep = train_step.compile_train_step(SDTT_CFG, graphdef, mesh, dstate, train_step.sdtt_step,
+                                        mask_id=MASK)
   for r in range(ROUNDS):
     if r:
       dstate = sdtt.next_round(dstate)
@@ -103,8 +103,8 @@ def test_sdtt_lowers_impossible_transitions_of_two_step_samples():
       dstate, out = dstep(dstate, put(next(batches)))
   assert np.isfinite(float(out['loss']))
 
-  run = sampler.compile_sampler(CFG, graphdef, mesh, sampler.SamplerConfig(steps=SAMPLE_STEPS),
-                                MASK)
+  run = sampling.compile_sampler(CFG, graphdef, mesh, sampler.SamplerConfig(steps=SAMPLE_STEPS),
+                                 MASK)
   z = jnp.full((4096, L), MASK, jnp.int32)
   score = lambda params: _score(np.asarray(run(params, jax.random.PRNGKey(7), z)[0]))
   before, after = score(mdlm), score(dstate.student.params)

@@ -13,7 +13,8 @@ import pytest
 from imdm_jax import sampler
 from imdm_jax.config import Config, ModelConfig
 from imdm_jax.errors import UserError
-from imdm_jax.synthetic import arms, settings, task
+
+from experiments.synthetic import arms, settings, task
 
 V_S, L = 4, 5
 MASK = V_S
@@ -21,10 +22,10 @@ CFG = Config(model=ModelConfig(vocab_size=V_S + 1))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def perfect_mdm(z, eps, t):
+def perfect_mdm(params, z, eps, t):
   """The exact x_theta of the repeated-token data: uniform until something is revealed, then the
   revealed token everywhere."""
-  del eps, t
+  del params, eps, t
   revealed = z != MASK
   any_revealed = revealed.any(-1, keepdims=True)  # [B, 1]
   token = jnp.max(jnp.where(revealed, z, -1), axis=-1, keepdims=True)  # [B, 1]
@@ -40,8 +41,8 @@ def test_ceiling_is_what_the_sampler_does_with_a_perfect_denoiser(steps):
   z = jnp.full((n, L), MASK, jnp.int32)
   scfg = sampler.SamplerConfig(steps=steps)
   with jax.enable_x64(True):
-    x, _ = jax.jit(lambda key: sampler.sample(perfect_mdm, key, z, None, mask_id=MASK, cfg=CFG,
-                                              scfg=scfg))(jax.random.PRNGKey(steps))
+    x, _ = jax.jit(lambda key: sampler.sample(perfect_mdm, None, key, z, None, mask_id=MASK,
+                                              cfg=CFG, scfg=scfg))(jax.random.PRNGKey(steps))
   got = task.score(np.asarray(x), V_S)['constant']
   exact = task.mdm_ceiling(steps, V_S, L)
   se = np.sqrt(exact * (1 - exact) / n)
@@ -162,8 +163,8 @@ def test_longer_presets_keep_the_default_round_length():
 
 @pytest.mark.parametrize('args', [['--set', 'vocab=x'], ['--only', 'mdm/nelbo,imdm/magic']])
 def test_bad_setting_exits_with_status_2(tmp_path, args):
-  proc = subprocess.run([sys.executable, 'experiments/synthetic.py', *args, '--out', str(tmp_path)],
-                        cwd=REPO, capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, '-m', 'experiments.synthetic', *args, '--out',
+                         str(tmp_path)], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
   assert not os.listdir(tmp_path)
 
@@ -171,8 +172,8 @@ def test_bad_setting_exits_with_status_2(tmp_path, args):
 @pytest.mark.slow
 def test_quick_experiment_end_to_end(tmp_path):
   """`--preset quick` writes its outputs; MDM arms sit on the exact ceiling."""
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=REPO)
-  subprocess.run([sys.executable, 'experiments/synthetic.py', '--preset', 'quick', '--out',
+  env = dict(os.environ, XLA_FLAGS='')
+  subprocess.run([sys.executable, '-m', 'experiments.synthetic', '--preset', 'quick', '--out',
                   str(tmp_path)], cwd=REPO, env=env, check=True)
   for name in ('results.json', 'results.md', 'results.png'):
     assert os.path.getsize(tmp_path / name) > 0
@@ -193,14 +194,14 @@ def test_render_from_results_json(tmp_path):
   rng = np.random.default_rng(0)
   steps = (1, 2, 8, 64)
   scores = {str(k): task.score(rng.integers(0, V_S, (256, L)), V_S) for k in steps}
-  results = {'command': 'python experiments/synthetic.py', 'total_seconds': 1,
+  results = {'command': 'python -m experiments.synthetic', 'total_seconds': 1,
              'setting': {'vocab': V_S, 'length': L, 'eval_samples': 256, 'balanced_temperature': 0},
              'ceiling': {str(k): task.mdm_ceiling(k, V_S, L) for k in steps},
              'arms': {'mdm/redi': scores}, 'rounds': {'mdm/redi': {'1': scores, '2': scores}},
              'one_step': {'mdm/redi': {'expected_constant': 0.0123, 'greedy_constant': 0.5,
                                        'top_prob': 0.25}}}
   (tmp_path / 'results.json').write_text(json.dumps(results, sort_keys=True))
-  proc = subprocess.run([sys.executable, 'experiments/synthetic.py', '--render', '--out',
+  proc = subprocess.run([sys.executable, '-m', 'experiments.synthetic', '--render', '--out',
                          str(tmp_path)], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   table = (tmp_path / 'results.md').read_text()

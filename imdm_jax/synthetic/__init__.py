@@ -1,1 +1,0 @@
-"""The synthetic experiment of method.md §5: MDM vs IMDM at few sampling steps."""
