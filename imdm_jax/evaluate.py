@@ -58,13 +58,11 @@ class Evaluator:
 
   @classmethod
   def load(cls, path: str, mesh: Mesh) -> 'Evaluator':
-    ckpt_cfg = init_from.saved_config(path)
+    params, ckpt_cfg, _ = init_from.load_weights(path, mesh)
     if ckpt_cfg.model.arch != 'gpt2':
       raise UserError(f'--evaluator {path}: a causal LM checkpoint (model.arch=gpt2) is needed, '
                       f'this one is {ckpt_cfg.model.arch!r}')
-    tok = store.load_tokenizer(ckpt_cfg)
-    params = init_from.load_weights(path, mesh).params
-    return cls(params, ckpt_cfg, tok, mesh)
+    return cls(params, ckpt_cfg, store.load_tokenizer(ckpt_cfg), mesh)
 
   def encode(self, samples: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
     """Token rows `[N, C]` ([BOS] + documents joined by EOS, EOS-padded) and the mask `[N, C-1]`

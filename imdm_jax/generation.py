@@ -70,13 +70,12 @@ def run(req: Request) -> dict:
   say = print if is_main else lambda *_: None
   mesh = sharding.make_mesh(MeshConfig())
   batch = _check(req, mesh.devices.size)
-  cfg = init_from.saved_config(req.checkpoint)
+  params, cfg, what = init_from.load_weights(req.checkpoint, mesh)
   if cfg.model.arch != 'dit':
     raise UserError(f'{req.checkpoint}: a diffusion checkpoint is needed, not {cfg.model.arch!r}')
   tok = store.load_tokenizer(cfg)
   given = prefix_ids(cfg, tok, req.prefix)
   evaluator = evaluate.Evaluator.load(req.evaluator, mesh) if req.evaluator else None
-  params, _, what = init_from.load_weights(req.checkpoint, mesh)
   say(f'sampling from {what}')
   graphdef = train_state.model_graphdef(cfg)
   out = req.out or os.path.join(os.path.dirname(init_from.checkpoint_dir(req.checkpoint)),
