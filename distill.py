@@ -19,7 +19,6 @@ command; `redi-generate` splits each chunk over all devices and process 0 writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 from imdm_jax import config as config_lib
@@ -59,8 +58,7 @@ def main(argv=None) -> None:
   from imdm_jax import couplings, distillation, trainer  # pylint: disable=g-import-not-at-top
   if args.method == 'sdtt':
     _need(args, 'teacher', 'workdir')
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, num_steps=cfg.sdtt.num_rounds * cfg.sdtt.round_steps))
+    cfg = distillation.sdtt_config(cfg)
     trainer.train(cfg, args.workdir, init_from=args.teacher, program=distillation.sdtt_program(cfg))
   elif args.method == 'redi-generate':
     _need(args, 'teacher', 'out')

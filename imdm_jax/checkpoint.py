@@ -17,7 +17,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from imdm_jax import config as config_lib, files
+from imdm_jax import config as config_lib, files, sharding
 from imdm_jax.errors import UserError
 
 # Sections that define what a checkpoint *is*; a restore under different values is refused.
@@ -55,6 +55,7 @@ class Checkpointer:
     """Restores into `abstract_state` (ShapeDtypeStructs with shardings on the live mesh) and, if
     given, moves `data_iter` to the saved position. Returns the state."""
     step = self.latest_step() if step is None else step
+    self._check_structure(step, abstract_state)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       if 'data_position' not in self._manager.item_metadata(step):
@@ -66,6 +67,23 @@ class Checkpointer:
     if data_iter is not None:
       data_iter.set_state(restored.data_position)
     return restored.state
+
+  def _check_structure(self, step: int, abstract_state) -> None:
+    """Refuses, in one line, a checkpoint whose state is not the kind this program resumes (a
+    train run's given to SDTT, one written before a field was added) instead of orbax's error."""
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+    except (FileNotFoundError, ValueError, AttributeError) as e:
+      raise UserError(f'{path}: unreadable checkpoint metadata ({type(e).__name__})') from None
+    names = lambda tree: {sharding.path_str(p) for p, _ in
+                          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)}
+    missing = sorted(names(abstract_state) - names(dict(saved)))
+    if missing:
+      raise UserError(f'checkpoint {step} in {self.directory} has no {missing[0].split("/")[0]} '
+                      f'in its state ({", ".join(sorted(saved))}): it was written '
+                      'by another program (train, sdtt, redi-train) or an older version; use '
+                      'another workdir, or start one from it with --init_from')
 
   def state_keys(self, step: int | None = None) -> set[str]:
     """The top-level fields of the state saved at `step`: what kind of run wrote it (a

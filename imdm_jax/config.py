@@ -136,7 +136,7 @@ class MeshConfig:
 
 
 DIVERGENCES = ('kl-bwd', 'kl-fwd', 'mse', 'tvd')
-TEACHER_GRIDS = ('intended', 'wide', 'slip')  # sdtt.two_teacher_steps documents each
+TEACHER_GRIDS = ('intended', 'slip')  # sdtt.two_teacher_steps documents each
 FINAL_MODES = ('ancestral', 'greedy')
 
 
@@ -147,13 +147,19 @@ class SdttConfig:
   round_steps: int = 10_000
   num_rounds: int = 7
   divergence: str = 'kl-bwd'  # KL(student || teacher); or kl-fwd, mse (log-probs), tvd
-  teacher_grid: str = 'intended'  # t -> t-dt -> t-2dt; or 'wide', 'slip' (sdtt.two_teacher_steps)
+  teacher_grid: str = 'intended'  # t -> t-dt -> t-2dt; or 'slip' (sdtt.two_teacher_steps)
   base_steps: int = 1024  # round 0's teacher sampler steps (fewer: a coarse teacher, small tasks)
+  # The loss is the mean, over blocks of this many consecutive rows (a block of the antithetic t),
+  # of each block's mean over its masked positions: the official code's reduction, whose blocks
+  # are its per-device micro-batches (16 rows in every released SDTT script). 0: one mean over
+  # every masked position of the batch (weights each row by its number of masks, so large t more)
+  stratum_rows: int = 16
 
   def validate(self) -> None:
     _one_of('sdtt.divergence', self.divergence, DIVERGENCES)
     _one_of('sdtt.teacher_grid', self.teacher_grid, TEACHER_GRIDS)
     _at_least(self, 'sdtt', 1, 'round_steps', 'num_rounds', 'base_steps')
+    _at_least(self, 'sdtt', 0, 'stratum_rows')
 
 
 @dataclasses.dataclass(frozen=True)

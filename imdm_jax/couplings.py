@@ -49,7 +49,7 @@ def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
   mesh = sharding.make_mesh(MeshConfig())
   data = store.prepare(cfg)
   mask_id = data.tokenizer.mask_id
-  params, teacher_cfg, what = init_from.load_weights(teacher, mesh)
+  params, teacher_cfg, what, _ = init_from.load_weights(teacher, mesh)
   if is_main:
     print(f'teacher: {what}')
   for section, key in (('model', 'vocab_size'), ('data', 'seq_len'), ('data', 'tokenizer')):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -11,6 +13,16 @@ from imdm_jax import couplings as couplings_lib, sdtt, train_state, train_step, 
 from imdm_jax.config import Config
 from imdm_jax.data import store
 from imdm_jax.errors import UserError
+
+
+def sdtt_config(cfg: Config) -> Config:
+  """An SDTT run's config: it lasts its rounds (`train.num_steps` = num_rounds x round_steps),
+  and its batch splits into the loss's blocks of t (`sdtt.stratum_rows`)."""
+  if cfg.sdtt.stratum_rows and cfg.train.batch_size % cfg.sdtt.stratum_rows:
+    raise UserError(f'train.batch_size={cfg.train.batch_size} is not divisible by '
+                    f'sdtt.stratum_rows={cfg.sdtt.stratum_rows} (or set it to 0: one mean)')
+  return dataclasses.replace(cfg, train=dataclasses.replace(
+      cfg.train, num_steps=cfg.sdtt.num_rounds * cfg.sdtt.round_steps))
 
 
 def sdtt_program(cfg: Config) -> trainer.Program:

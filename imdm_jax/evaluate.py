@@ -25,14 +25,35 @@ from imdm_jax.data import store, tokenizers
 from imdm_jax.errors import UserError
 
 
-def unigram_entropy(ids: np.ndarray) -> float:
-  """Mean over samples `[N, L]` of the entropy (nats) of each sample's token histogram."""
-  out = []
-  for row in ids:
+def sample_entropies(ids: np.ndarray) -> np.ndarray:
+  """The entropy (nats) of each sample's token histogram: `[N, L]` -> `[N]`."""
+  out = np.empty(len(ids))
+  for n, row in enumerate(ids):
     _, counts = np.unique(row, return_counts=True)
     p = counts / counts.sum()
-    out.append(float(-(p * np.log(p)).sum()))
-  return float(np.mean(out))
+    out[n] = -(p * np.log(p)).sum()
+  return out
+
+
+def unigram_entropy(ids: np.ndarray) -> float:
+  """Mean over samples `[N, L]` of the entropy (nats) of each sample's token histogram."""
+  return float(np.mean(sample_entropies(ids)))
+
+
+def gen_ppl(nll: np.ndarray, counted: np.ndarray) -> float:
+  """Corpus-level Gen PPL from per-sample NLL sums and counted tokens `[N]`."""
+  return math.exp(float(np.sum(nll)) / max(float(np.sum(counted)), 1.0))
+
+
+def bootstrap_interval(statistic, arrays: tuple[np.ndarray, ...], level: float = 0.95,
+                       draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of `statistic(*arrays)` over samples: each draw resamples the
+  rows `[N]` of every array together (a sample's NLL goes with its token count)."""
+  n = len(arrays[0])
+  rows = np.random.default_rng(seed).integers(0, n, (draws, n))
+  values = np.array([statistic(*(a[r] for a in arrays)) for r in rows])
+  low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+  return float(low), float(high)
 
 
 def split_documents(ids, tok: tokenizers.Tokenizer) -> list[str]:
@@ -58,7 +79,7 @@ class Evaluator:
 
   @classmethod
   def load(cls, path: str, mesh: Mesh) -> 'Evaluator':
-    params, ckpt_cfg, _ = init_from.load_weights(path, mesh)
+    params, ckpt_cfg = init_from.load_weights(path, mesh)[:2]
     if ckpt_cfg.model.arch != 'gpt2':
       raise UserError(f'--evaluator {path}: a causal LM checkpoint (model.arch=gpt2) is needed, '
                       f'this one is {ckpt_cfg.model.arch!r}')
@@ -84,34 +105,41 @@ class Evaluator:
 
   def score(self, samples: list[list[str]], batch_size: int = 0) -> tuple[float, float, int]:
     """(Gen PPL, total NLL, counted tokens) of samples given as lists of document texts."""
+    nll, counted = self.score_samples(samples, batch_size)
+    return gen_ppl(nll, counted), float(np.sum(nll)), int(np.sum(counted))
+
+  def score_samples(self, samples: list[list[str]],
+                    batch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the NLL summed over its counted tokens `[N]`, and their number `[N]`."""
     rows, counted = self.encode(samples)
     n_dev = self.mesh.devices.size
     batch_size = batch_size or max(n_dev, 8)
     batch_size = -(-batch_size // n_dev) * n_dev
-    total = count = 0.0
+    nll, count = [], []
     for start in range(0, len(rows), batch_size):
       r, c = rows[start:start + batch_size], counted[start:start + batch_size]
       pad = batch_size - len(r)  # rows of zero weight keep every batch the same shape
       r = np.concatenate([r, np.zeros((pad, r.shape[1]), np.int32)])
       c = np.concatenate([c, np.zeros((pad, c.shape[1]), np.float32)])
       # every process scores the same samples: each feeds its own devices' rows, and all read
-      # the sums (scalars: on every device)
+      # the per-row sums (gathered to every device)
       rows_on = sharding.batch_sharding(self.mesh)
-      out = _scorer(self.cfg)(self.params, sharding.host_to_global(r, rows_on),
-                              sharding.host_to_global(c, rows_on))
-      total += float(out[0])
-      count += float(out[1])
-    return math.exp(total / max(count, 1.0)), total, int(count)
+      out = jax.device_get(_scorer(self.cfg, self.mesh)(
+          self.params, sharding.host_to_global(r, rows_on), sharding.host_to_global(c, rows_on)))
+      nll.append(np.asarray(out[0], np.float64)[:len(r) - pad])
+      count.append(np.asarray(out[1], np.float64)[:len(r) - pad])
+    return np.concatenate(nll), np.concatenate(count)
 
 
 @functools.cache
-def _scorer(cfg: Config):
-  """One compiled scorer per evaluator config; shardings come from the arguments."""
+def _scorer(cfg: Config, mesh: Mesh):
+  """One compiled scorer per evaluator config; input shardings come from the arguments, and the
+  per-row sums are gathered to every device (so every process can read them)."""
   graphdef = train_state.model_graphdef(cfg)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def score(params, rows, counted):
     nll = gpt2.token_nll(nnx.merge(graphdef, params)(rows), rows)
-    return jnp.sum(nll * counted), jnp.sum(counted)
+    return jnp.sum(nll * counted, axis=1), jnp.sum(counted, axis=1)  # [B], [B]
 
   return score

@@ -70,7 +70,7 @@ def run(req: Request) -> dict:
   say = print if is_main else lambda *_: None
   mesh = sharding.make_mesh(MeshConfig())
   batch = _check(req, mesh.devices.size)
-  params, cfg, what = init_from.load_weights(req.checkpoint, mesh)
+  params, cfg, what, _ = init_from.load_weights(req.checkpoint, mesh)
   if cfg.model.arch != 'dit':
     raise UserError(f'{req.checkpoint}: a diffusion checkpoint is needed, not {cfg.model.arch!r}')
   tok = store.load_tokenizer(cfg)
@@ -106,13 +106,17 @@ def run(req: Request) -> dict:
     path = os.path.join(out, f'samples_steps{steps}.jsonl')
     if is_main:
       files.write_atomic(path, '\n'.join(lines) + '\n')
-    row = {'steps': steps, 'num_samples': len(ids), 'entropy': evaluate.unigram_entropy(ids),
+    entropies = evaluate.sample_entropies(ids)
+    row = {'steps': steps, 'num_samples': len(ids), 'entropy': float(np.mean(entropies)),
+           'entropy_ci': evaluate.bootstrap_interval(np.mean, (entropies,)),
            'network_calls_per_batch': nfe / (req.num_samples // batch), 'samples': path}
     if evaluator is not None:  # on every process: the scorer is one program over all devices
-      row['gen_ppl'], _, row['scored_tokens'] = evaluator.score(docs)
+      nll, counted = evaluator.score_samples(docs)
+      row['gen_ppl'] = evaluate.gen_ppl(nll, counted)
+      row['gen_ppl_ci'] = evaluate.bootstrap_interval(evaluate.gen_ppl, (nll, counted))
+      row['scored_tokens'] = int(counted.sum())
     results.append(row)
-    say(f'{steps} steps: ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
-                                        for k, v in row.items() if k != 'samples'))
+    say(f'{steps} steps: ' + ', '.join(_show(k, v) for k, v in row.items() if k != 'samples'))
     for d in docs[:2]:
       say('  > ' + ' / '.join(d)[:300])
   summary = {'checkpoint': os.path.abspath(req.checkpoint), 'seed': req.seed, 'prefix': req.prefix,
@@ -140,11 +144,22 @@ def _validation_nelbo(cfg: Config, graphdef, mesh, params, say=print) -> float |
   return ppl
 
 
+def _show(key: str, value) -> str:
+  if isinstance(value, float):
+    return f'{key} {value:.3f}'
+  if isinstance(value, tuple):
+    return f'{key} [{value[0]:.3f}, {value[1]:.3f}]'
+  return f'{key} {value}'
+
+
 def _table(results: list[dict]) -> str:
-  lines = ['| steps | Gen PPL | entropy | network calls |', '|---|---|---|---|']
+  lines = ['Gen PPL and entropy with 95 % bootstrap intervals over samples.', '',
+           '| steps | Gen PPL | entropy | network calls |', '|---|---|---|---|']
   for r in results:
-    ppl = f'{r["gen_ppl"]:.2f}' if 'gen_ppl' in r else '-'
-    lines.append(f'| {r["steps"]} | {ppl} | {r["entropy"]:.3f} | {r["network_calls_per_batch"]:.1f} |')
+    ppl = (f'{r["gen_ppl"]:.2f} [{r["gen_ppl_ci"][0]:.2f}, {r["gen_ppl_ci"][1]:.2f}]'
+           if 'gen_ppl' in r else '-')
+    ent = f'{r["entropy"]:.3f} [{r["entropy_ci"][0]:.3f}, {r["entropy_ci"][1]:.3f}]'
+    lines.append(f'| {r["steps"]} | {ppl} | {ent} | {r["network_calls_per_batch"]:.1f} |')
   return '\n'.join(lines) + '\n'
 
 

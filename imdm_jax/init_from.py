@@ -37,6 +37,7 @@ class Weights(NamedTuple):
   params: train_state.Params
   config: Config
   what: str  # which weights of which checkpoint: what the consumer says it took
+  ema_count: int  # their EMA's update count, inherited by a run started from them
 
 
 def _flat(tree) -> dict[str, Any]:  # leaves: jax or numpy arrays, or ShapeDtypeStructs
@@ -104,18 +105,46 @@ def load_weights(path: str, mesh: Mesh) -> Weights:
                     f'state has {", ".join(sorted(fields))})')
   # only these weights are read: the raw ones and the optimizer's moments (3x more) stay on disk
   params = ckpt.restore_part(where, train_state.abstract_state(saved, mesh).ema)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  try:
+    count = ckpt.restore_part(where[:-1] + ('ema_count',), scalar)
+  except UserError:  # written before the count was kept: it equalled the step
+    count = ckpt.restore_part(where[:-1] + ('step',), scalar)
   ckpt.close()
-  return Weights(params, saved, f'{what} of {checkpoint_dir(path)} at step {step}')
+  return Weights(params, saved, f'{what} of {checkpoint_dir(path)} at step {step}', int(count))
 
 
 def initialise(state: train_state.TrainState, cfg: Config, path: str,
                mesh: Mesh) -> train_state.TrainState:
-  ema, saved, what = load_weights(path, mesh)
+  ema, saved, what, ema_count = load_weights(path, mesh)
   if jax.process_index() == 0:
     print(f'--init_from: {what}')
   if saved.model.vocab_size != cfg.model.vocab_size or saved.data.tokenizer != cfg.data.tokenizer:
     raise UserError(f'--init_from {path}: vocabulary {saved.data.tokenizer}/{saved.model.vocab_size}'
                     f' differs from this run\'s {cfg.data.tokenizer}/{cfg.model.vocab_size}')
+  check_architecture(saved, cfg, f'--init_from {path}')
   params = graft(state.params, ema, f'--init_from {path}')
   # Separate buffers: the train step donates its input state, and a buffer donated twice crashes.
-  return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
+  # The EMA restarts from these weights with the source's update count (the official
+  # `load_ema`): no second warm-up.
+  return state.replace(params=params, ema=jax.tree.map(jnp.copy, params),
+                       ema_count=jax.device_put(jnp.int32(ema_count), state.ema_count.sharding))
+
+
+# Settings that change what the network computes without changing its parameters: a difference
+# would make the new run's step 0 another function than its source.
+FUNCTION_KEYS = (('model', 'attn_softcap'), ('model', 'time_conditioning'),
+                 ('diffusion', 'alpha_min'))
+
+
+def check_architecture(saved: Config, cfg: Config, where: str) -> None:
+  """Refuses a source whose network computes something else with the same parameters. The IMDM
+  noise path may be added (it starts at zero); its type may differ only when the source has none."""
+  for section, key in FUNCTION_KEYS:
+    theirs, ours = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+    if theirs != ours:
+      raise UserError(f'{where}: the checkpoint has {section}.{key}={theirs!r}, this run {ours!r} '
+                      f'(set --set {section}.{key}={theirs!r} to start from it)')
+  if saved.model.noise_dim and saved.diffusion.noise_type != cfg.diffusion.noise_type:
+    raise UserError(f'{where}: the checkpoint\'s mask noise is {saved.diffusion.noise_type!r}, '
+                    f'this run\'s {cfg.diffusion.noise_type!r}')

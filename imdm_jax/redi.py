@@ -20,16 +20,17 @@ from imdm_jax.loss import Denoise
 
 def coupling_inputs(key: PRNGKeyArray, x: Int[Array, 'B L'], mask_id: int,
                     full_mask_fraction: float) -> tuple[Int[Array, 'B L'], Float[Array, 'B']]:
-  """(z_T, t): perturbed starting points, t ~ U(1e-3, 1) (or 1 for a `full_mask_fraction` of the
-  rows), each token masked with probability t.
+  """(z_T, t): perturbed starting points, t ~ U(0, 1] as in the official code (or 1 for a
+  `full_mask_fraction` of the rows), each token masked with probability t.
 
   Deliberately t, not the schedule's `1 - alpha(t) = (1 - alpha_min) t`: the official coupling
   generation (Ugness/IMDM, `TrainerBase.test_step`) masks with `alpha_t = 1 - t` passed straight to
   its forward kernel, and the sampler then runs from t on the schedule. The 0.1 % difference is the
-  reference's; we keep it. (The reference draws t ~ U(0, 1) unclamped; ours starts at 1e-3.)
+  reference's; we keep it. The official t is `torch.rand`, U[0, 1); ours is 1 - U[0, 1), the same
+  law without t = 0 (whose loss weight 1/t is infinite).
   """
   k_t, k_full, k_mask = jax.random.split(key, 3)
-  t = jax.random.uniform(k_t, x.shape[:1], jnp.float32, minval=1e-3)
+  t = 1.0 - jax.random.uniform(k_t, x.shape[:1], jnp.float32)
   t = jnp.where(jax.random.uniform(k_full, t.shape) < full_mask_fraction, 1.0, t)
   return masking.mask_with_prob(k_mask, x, t, mask_id), t
 

@@ -11,7 +11,8 @@ student (IMDM), the teacher's two steps from z_t (`two_teacher_steps`: the grid)
 fixed (no resets), and a target per masked position: the teacher's x_theta from the step that
 revealed it, or from the last step if it is still masked (`teacher_targets`). The student's SUBS
 distribution at z_t is pulled towards it by `sdtt.divergence`, averaged over the masked
-positions (`sdtt_loss`).
+positions of each block of `sdtt.stratum_rows` rows and then over blocks, as the official code
+reduces it (`stratum_weights`, `sdtt_loss`).
 
 Teacher draws are exponential races whose Exp(1) variates come from 64 random bits each
 (`exponential_from_bits`): they resolve tails as finely as the samplers' float64 draws (finer,
@@ -56,8 +57,8 @@ Step = tuple[Float[Array, 'B'], Float[Array, 'B']]  # (start time, length): star
 def two_teacher_steps(t: Float[Array, 'B'], dt: Float[Array, ''], grid: str) -> tuple[Step, Step]:
   """The teacher's two ancestral steps from z_t (`sdtt.teacher_grid`), per sequence:
 
-  - 'intended' (docs/method.md §3): t -> t - dt, then t - dt -> t - 2dt.
-  - 'wide': t -> t - 2dt, then t - 2dt -> t - 4dt (our reading of the IMDM code's [t, t - 2dt]).
+  - 'intended' (docs/method.md §3): t -> t - dt, then t - dt -> t - 2dt. The official IMDM code
+    (`IMSDTT`) takes these two steps of dt from t to t - 2dt.
   - 'slip': the grid of the original SDTT code (jdeschena/sdtt,
     src/sdtt/core/distill/multi_round_sdtt.py, `MultiRoundSDTT._teacher_logprobs_on_mask`, with
     `num_distill_steps: 2` from configs/parameterization/multi-round-sdtt.yaml). It builds the
@@ -77,8 +78,6 @@ def two_teacher_steps(t: Float[Array, 'B'], dt: Float[Array, ''], grid: str) -> 
   dt = jnp.broadcast_to(dt, t.shape)
   if grid == 'intended':
     return (t, dt), (t - dt, dt)
-  if grid == 'wide':
-    return (t, 2.0 * dt), (t - 2.0 * dt, 2.0 * dt)
   if grid == 'slip':
     t_end = t - 2.0 * dt
     starts = (t + (1.0 - t) * t_end, (1.0 - t) * t_end)
@@ -148,6 +147,19 @@ def sdtt_loss(student: Denoise, teacher: Denoise, params, teacher_params, key: P
   log_student = loss.subs_log_probs(student(params, z_t, eps, t), z_t, mask_id)  # [B, L, V]
   div = loss.divergence(log_student, jax.lax.stop_gradient(target), cfg.divergence)
   return jnp.sum(div * weight), jnp.sum(weight)
+
+
+def stratum_weights(masked: Float[Array, 'B L'], stratum_rows: int) -> Float[Array, 'B L']:
+  """Per-position loss weights that make `sum(div * w) / sum(w)` the mean over blocks of
+  `stratum_rows` consecutive rows of each block's mean over its `masked` positions (1 where a
+  position counts); blocks without one are left out. `stratum_rows=0`: `masked` itself, one mean
+  over the batch."""
+  if not stratum_rows:
+    return masked
+  B, L = masked.shape
+  blocks = masked.reshape(B // stratum_rows, stratum_rows * L)
+  counts = jnp.sum(blocks, axis=1, keepdims=True)  # [G, 1]
+  return (blocks / jnp.maximum(counts, 1.0) / blocks.shape[0]).reshape(B, L)
 
 
 def advance_rounds(state: SdttState, completed_steps: int, round_steps: int) -> SdttState:

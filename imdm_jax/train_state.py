@@ -37,6 +37,10 @@ class TrainState:
   ema: Params
   opt_state: optax.OptState
   rng: jax.Array  # uint32 [2]; step k draws from fold_in(rng, k), so restarts replay exactly
+  # int32 [], the EMA's update count, which sets its warm-up (`ema_update`): `step` in a fresh
+  # run; a run started from another's weights inherits the source's count, as the official
+  # code's `load_ema` does, so a distilled student's EMA runs at the full decay from its start
+  ema_count: jax.Array
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -53,7 +57,8 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def ema_update(ema: Params, params: Params, num_updates: jax.Array, decay: float) -> Params:
-  """The reference EMA: decay `min(decay, (1 + n) / (10 + n))`, n counting this update."""
+  """The reference EMA: decay `min(decay, (1 + n) / (10 + n))`, n counting this update (the
+  state's `ema_count` after it)."""
   n = num_updates.astype(jnp.float32)
   d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
@@ -95,7 +100,7 @@ def _init_state(cfg: Config, mesh: Mesh | AbstractMesh, axes: sharding.ParamAxes
     k_params, k_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = init_params(cfg, k_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-                      opt_state=tx.init(params), rng=k_rng)
+                      opt_state=tx.init(params), rng=k_rng, ema_count=jnp.zeros((), jnp.int32))
 
   seed = jnp.int32(cfg.train.seed)
   shardings = sharding.tree_shardings(jax.eval_shape(init, seed), mesh, axes)

@@ -118,9 +118,10 @@ def apply_gradients(state: TrainState, grads, value, cfg: Config) -> tuple[Train
   tx = make_optimizer(cfg.optim)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  step = state.step + 1
-  new_state = state.replace(step=step, params=params, opt_state=opt_state,
-                            ema=ema_update(state.ema, params, step, cfg.optim.ema_decay))
+  count = state.ema_count + 1
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema=ema_update(state.ema, params, count, cfg.optim.ema_decay),
+                            ema_count=count)
   metrics = {'loss': value, 'grad_norm': optax.global_norm(grads)}
   if noise.is_imdm(cfg):
     metrics['imdm/noise_out_norm'] = noise_output_norm(params)
@@ -150,7 +151,8 @@ def sdtt_step(state: sdtt.SdttState, batch: Batch, *, graphdef: nnx.GraphDef, cf
   `sdtt.sdtt_loss` against the round's frozen teacher."""
   student = state.student
   drawn, k_micro = nelbo_draws(cfg, batch, jax.random.fold_in(student.rng, student.step), mask_id)
-  weight = ((drawn['z_t'] == mask_id) & (drawn['valid'] > 0)).astype(jnp.float32)
+  masked = ((drawn['z_t'] == mask_id) & (drawn['valid'] > 0)).astype(jnp.float32)
+  weight = sdtt.stratum_weights(masked, cfg.sdtt.stratum_rows)  # [B, L]
   rows = {'z_t': drawn['z_t'], 't': drawn['t'], 'eps': drawn['eps'], 'weight': weight}
   teacher = sampling.model_denoiser(graphdef, cfg, mask_id)
   dt = sdtt.teacher_dt(cfg, state.round)

@@ -75,7 +75,7 @@ def convert(src, out, preset='micro', **kw) -> convert_lib.Converted:
 
 def restore(out):
   """What sampling / `--init_from` will see: the EMA weights of the saved checkpoint."""
-  ema, saved, _ = init_from.load_weights(str(out), sharding.make_mesh(MeshConfig()))
+  ema, saved, _, _ = init_from.load_weights(str(out), sharding.make_mesh(MeshConfig()))
   return nnx.merge(train_state.model_graphdef(saved), ema), ema, saved
 
 

@@ -125,7 +125,7 @@ def test_set_of_an_unknown_section_or_key_is_refused_naming_it(item, named):
 
 
 # A config as saved before the `distill` section split and the `diffusion.eps` rename.
-OLD_DISTILL = {'round_steps': 500, 'num_rounds': 3, 'divergence': 'tvd', 'teacher_grid': 'wide',
+OLD_DISTILL = {'round_steps': 500, 'num_rounds': 3, 'divergence': 'tvd', 'teacher_grid': 'slip',
                'teacher_base_steps': 64, 'num_pairs': 123, 'teacher_steps': 17,
                'teacher_temperature': 0.5, 'teacher_final': 'greedy', 'teacher_fix_eps': True,
                'full_mask_fraction': 0.25, 'ignore_seed': True, 'reflow_rounds': 4}
@@ -146,7 +146,7 @@ def test_from_dict_upgrades_an_old_saved_config():
       config_lib.resolve('micro'),
       diffusion=dataclasses.replace(config_lib.resolve('micro').diffusion, alpha_min=2e-3),
       sdtt=config_lib.SdttConfig(round_steps=500, num_rounds=3, divergence='tvd',
-                                 teacher_grid='wide', base_steps=64),
+                                 teacher_grid='slip', base_steps=64),
       redi=config_lib.RediConfig(num_pairs=123, sampler_steps=17, temperature=0.5, final='greedy',
                                  fix_eps=True, full_mask_fraction=0.25, ignore_seed=True,
                                  rounds=4))

@@ -50,7 +50,11 @@ def test_sample_cli_writes_samples_and_metrics(runs, tmp_path):
   metrics = json.load(open(out / 'metrics.json'))
   assert [r['steps'] for r in metrics['results']] == [2, 8]
   assert all(r['gen_ppl'] > 1 and r['entropy'] > 0 for r in metrics['results'])
-  table = [line.split('|')[1:-1] for line in open(out / 'metrics.md').read().splitlines()]
+  for r in metrics['results']:  # 95 % bootstrap intervals around each estimate
+    assert r['gen_ppl_ci'][0] <= r['gen_ppl'] <= r['gen_ppl_ci'][1]
+    assert r['entropy_ci'][0] <= r['entropy'] <= r['entropy_ci'][1]
+  table = [line.split('|')[1:-1] for line in open(out / 'metrics.md').read().splitlines()
+           if line.startswith('|')]
   assert [int(row[0]) for row in table[2:]] == [2, 8]  # a row per step count, after the header
   assert 1 < metrics['val_nelbo_ppl'] < 2 * 513  # 4 training steps: near the uniform bound
 

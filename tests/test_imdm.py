@@ -131,7 +131,7 @@ def test_init_from_mdlm_run_and_refusals(micro_cfg, tmp_path):
   trainer.train(mdlm_cfg, str(tmp_path / 'mdlm'))
   imdm_cfg = replaced(as_imdm(mdlm_cfg, noise_dim=8), train=dict(num_steps=1))
   mesh = sharding.make_mesh(imdm_cfg.mesh)
-  ema, saved, _ = init_from.load_weights(str(tmp_path / 'mdlm'), mesh)
+  ema, saved, _, _ = init_from.load_weights(str(tmp_path / "mdlm"), mesh)
   ckpt = init_from._open(str(tmp_path / 'mdlm'))  # pylint: disable=protected-access
   full = ckpt.restore(train_state.abstract_state(saved, mesh))
   ckpt.close()

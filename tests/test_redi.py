@@ -56,7 +56,7 @@ def test_couplings_reproduce_and_eps_reads_back_exactly(imdm_teacher):
   # one greedy step with eps held fixed: x_hat = argmax x_theta(z_T, eps(seed)). Recomputing it
   # from the seed alone — as ReDi training does — gives the same tokens: eps is read back exactly.
   mesh = sharding.make_mesh(cfg.mesh)
-  params, _, _ = init_from.load_weights(str(root / 'teacher'), mesh)
+  params = init_from.load_weights(str(root / 'teacher'), mesh).params
   model = nnx.merge(train_state.model_graphdef(cfg),
                     jax.device_get(params))
   eps = noise.seeded_eps(jnp.asarray(a['seed']), cfg.data.seq_len, cfg)

@@ -52,10 +52,10 @@ def convert(src: str, out: str, raw: bool = False, force: bool = False, tokenize
     cfg = architecture.resolve_config(source, preset, overrides, tokenizer_path)
     k_params, k_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))  # as init_state does
     params, grafted = dit.convert_params(source.state, cfg, k_params)
-  weights = source.weights
+  weights, ema_count = source.weights, source.ema_count
   del source
   params = jax.tree.map(jnp.array, params)  # copies, so the host tensors are freed here
-  state = write.step0_state(cfg, params, k_rng)
+  state = write.step0_state(cfg, params, k_rng, ema_count)
   write.write(out, state, cfg)
   return Converted(describe(cfg, grafted), train_state.param_count(state.params), weights, out)
 

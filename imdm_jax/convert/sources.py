@@ -34,6 +34,9 @@ class Source:
   state: dict[str, np.ndarray]  # backbone key -> tensor in PyTorch layout (buffers included)
   stated: dict[str, Any]  # the directory's config.json ({} when there is none)
   weights: str  # which they are: 'EMA weights', 'raw weights' or 'weights as saved'
+  # the EMA's update count (a Lightning checkpoint's `ema.num_updates`; 0 where the file has
+  # none): a run started from the conversion inherits it, as the official `load_ema` does
+  ema_count: int = 0
 
 
 def read(path: str, raw: bool = False) -> Source:
@@ -54,8 +57,8 @@ def read(path: str, raw: bool = False) -> Source:
   if raw and not path.endswith('.ckpt'):
     raise UserError('--raw applies to Lightning .ckpt files only (they hold raw and EMA weights)')
   if path.endswith('.ckpt'):
-    state, weights = _lightning(path, raw)
-    return Source(normalise(state), stated, weights)
+    state, weights, ema_count = _lightning(path, raw)
+    return Source(normalise(state), stated, weights, ema_count)
   if path.endswith('.safetensors'):
     state = _safetensors([path])
   elif path.endswith('.safetensors.index.json'):
@@ -111,16 +114,18 @@ def _torch_load(path: str, weights_only: bool):
     raise UserError(f'{path}: unpickling needs the package {e.name!r} (pip install it)') from None
 
 
-def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str]:
+def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str, int]:
   """`state_dict` (raw) or the EMA `shadow_params` zipped with the state dict's parameter keys in
-  order; buffers (not in the EMA list) come from the state dict so that they can be verified."""
+  order; buffers (not in the EMA list) come from the state dict so that they can be verified.
+  Also the EMA's update count."""
   ckpt = _torch_load(path, weights_only=False)
   if not isinstance(ckpt, Mapping) or 'state_dict' not in ckpt:
     raise UserError(f'{path} is not a Lightning checkpoint (no "state_dict")')
   state = ckpt['state_dict']
-  if raw:
-    return dict(state), 'raw weights'
   ema = ckpt.get('ema')
+  count = int(ema.get('num_updates', 0)) if isinstance(ema, Mapping) else 0
+  if raw:
+    return dict(state), 'raw weights', count
   if not isinstance(ema, Mapping) or 'shadow_params' not in ema:
     raise UserError(f'{path} holds no EMA weights (ckpt["ema"]["shadow_params"]); pass --raw to '
                     'convert its raw weights')
@@ -134,7 +139,7 @@ def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str]:
       raise UserError(f'{path}: EMA tensor {i} has shape {tuple(value.shape)}, its parameter '
                       f'{name} {tuple(state[name].shape)}')
   buffers = {k: v for k, v in state.items() if k not in names}
-  return {**buffers, **dict(zip(names, shadow))}, 'EMA weights'
+  return {**buffers, **dict(zip(names, shadow))}, 'EMA weights', count
 
 
 def _numpy(key: str, value) -> np.ndarray:

@@ -26,12 +26,15 @@ def check_output(out: str, force: bool) -> None:
     raise UserError(f'{out} already holds a checkpoint: pass --force to replace it')
 
 
-def step0_state(cfg: Config, params: train_state.Params, rng: jax.Array) -> train_state.TrainState:
+def step0_state(cfg: Config, params: train_state.Params, rng: jax.Array,
+                ema_count: int = 0) -> train_state.TrainState:
   """Step 0 with a fresh optimizer; params and EMA are separate buffers (the train step donates
-  its input state, and a buffer donated twice crashes)."""
+  its input state, and a buffer donated twice crashes). `ema_count`: the source's EMA update
+  count, which a run started from these weights inherits (`train_state.TrainState`)."""
   return train_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
-      opt_state=train_state.make_optimizer(cfg.optim).init(params), rng=rng)
+      opt_state=train_state.make_optimizer(cfg.optim).init(params), rng=rng,
+      ema_count=jnp.asarray(ema_count, jnp.int32))
 
 
 def write(out: str, state: train_state.TrainState, cfg: Config) -> None:
