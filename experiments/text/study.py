@@ -1,0 +1,131 @@
+"""The text study, stage by stage: bases, distillation, couplings, rectification, then every arm
+sampled and scored at every step count.
+
+Each stage writes into its own directory under `--out` and is skipped once it has finished (a
+`stage.json` beside its outputs); a killed stage resumes where it stopped, as every program of
+the library does (training and distillation from their last checkpoint, coupling generation from
+its next missing chunk). The arms' scores go to `results.json` as each arm finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+
+from imdm_jax import config as config_lib, couplings, distillation, generation, sampler, trainer
+from imdm_jax.checkpoint import write_json_atomic
+from imdm_jax.config import Config
+
+from experiments.text import diagnose, report
+from experiments.text.settings import ARMS, FAMILIES, Study
+
+
+def stage_config(study: Study, family: str, stage: str) -> Config:
+  """The config of one stage of one family: its base preset with the stage's overrides."""
+  preset = study.evaluator if stage == 'evaluator' else getattr(study, family)
+  return config_lib.resolve(preset, study.stage_sets(family if stage == 'base' else stage))
+
+
+class Stages:
+  """Runs stages once: `run(name, fn)` calls `fn(directory)` unless `name` finished before."""
+
+  def __init__(self, out: str, log: Callable[[str], None]):
+    self.out, self.log, self.seconds = out, log, {}
+
+  def dir(self, name: str) -> str:
+    return os.path.join(self.out, *name.split('/'))
+
+  def run(self, name: str, fn: Callable[[str], object]) -> str:
+    where = self.dir(name)
+    marker = os.path.join(where, 'stage.json')
+    if os.path.exists(marker):
+      with open(marker) as f:
+        self.seconds[name] = json.load(f)['seconds']
+      self.log(f'[{name}] done before ({where})')
+      return where
+    self.log(f'[{name}] ...')
+    os.makedirs(where, exist_ok=True)
+    t0 = time.time()
+    fn(where)
+    self.seconds[name] = round(time.time() - t0)
+    write_json_atomic(marker, {'stage': name, 'seconds': self.seconds[name]})
+    return where
+
+
+def _train(cfg: Config, init_from: str | None = None, program=trainer.TRAIN):
+  return lambda where: trainer.train(cfg, where, init_from=init_from, program=program)
+
+
+def run(study: Study, out: str, command: str, log=print) -> dict:
+  """Every stage of `study` in `out`; returns (and writes) the results."""
+  os.makedirs(out, exist_ok=True)
+  start = time.time()
+  stages = Stages(out, log)
+  cfg = {f: {s: stage_config(study, f, s) for s in ('base', 'sdtt', 'redi', 'couplings')}
+         for f in FAMILIES}
+  cfg['imdm']['redi_only'] = stage_config(study, 'imdm', 'redi_only')
+  evaluator = study.evaluator
+  if '/' not in evaluator:  # a preset: trained here, on the study's data
+    evaluator_cfg = stage_config(study, 'mdlm', 'evaluator')
+    evaluator = stages.run('evaluator', _train(evaluator_cfg))
+  runs = {'mdlm/base': stages.run('mdlm/base', _train(cfg['mdlm']['base']))}
+  runs['imdm/base'] = stages.run('imdm/base', _train(cfg['imdm']['base'], runs['mdlm/base']))
+  origin = {'mdlm': 'mdlm/base', 'imdm': f'{study.imdm_start}/base'}  # where distillation starts
+  for f in FAMILIES:
+    sdtt_cfg = distillation.sdtt_config(cfg[f]['sdtt'])
+    runs[f'{f}/sdtt'] = stages.run(f'{f}/sdtt', _train(
+        sdtt_cfg, runs[origin[f]], distillation.sdtt_program(sdtt_cfg)))
+
+  def rectify(arm: str, teacher: str, student_cfg: Config) -> None:
+    """ReDi from the run `teacher` (a stage name): its couplings (made once, shared by the arms
+    that start there), then the student, initialised from the teacher."""
+    pair_cfg = cfg[teacher.split('/')[0]]['couplings']  # how many pairs, the teacher's sampler
+    pairs = stages.run(f'couplings/{teacher}',
+                       lambda where: couplings.generate(pair_cfg, runs[teacher], where))
+    runs[arm] = stages.run(arm, _train(student_cfg, runs[teacher],
+                                       distillation.redi_program(pairs)))
+
+  rectify('mdlm/redi', 'mdlm/base', cfg['mdlm']['redi'])
+  rectify('imdm/redi', origin['imdm'], cfg['imdm']['redi_only'])
+  for f in FAMILIES:
+    rectify(f'{f}/sdtt+redi', f'{f}/sdtt', cfg[f]['redi'])
+
+  path = os.path.join(out, 'results.json')
+  results = {'command': command, 'study': dataclasses.asdict(study), 'evaluator': evaluator,
+             'runs': runs, 'arms': {}, 'diagnostics': {}}
+  if os.path.exists(path):  # arms scored by an earlier, interrupted run
+    with open(path) as f:
+      earlier = json.load(f)
+    if earlier.get('study') == results['study']:
+      results['arms'], results['diagnostics'] = earlier['arms'], earlier.get('diagnostics', {})
+  for arm in ARMS:
+    if arm in results['arms']:
+      continue
+    t0 = time.time()
+    summary = generation.run(generation.Request(
+        checkpoint=runs[arm], steps=study.eval_steps, num_samples=study.num_samples,
+        seed=study.seed, batch_size=study.sample_batch, out=stages.dir(f'samples/{arm}'),
+        evaluator=evaluator, scfg=sampler.SamplerConfig()))
+    results['arms'][arm] = {str(r['steps']): {k: r[k] for k in (
+        'gen_ppl', 'gen_ppl_ci', 'entropy', 'entropy_ci', 'network_calls_per_batch')}
+        for r in summary['results']}
+    if arm.startswith('imdm/'):
+      results['diagnostics'][arm] = diagnose.noise_path(runs[arm], study.seed)
+    stages.seconds[f'samples/{arm}'] = round(time.time() - t0)
+    results['seconds'] = dict(stages.seconds)
+    write_json_atomic(path, results)
+  results['seconds'] = dict(stages.seconds)
+  results['total_seconds'] = sum(stages.seconds.values())
+  results['wall_seconds_this_call'] = round(time.time() - start)
+  results['target'] = report.target(results)
+  write_json_atomic(path, results)
+  report.render(out)
+  if jax.process_index() == 0:
+    log(f'done in {results["wall_seconds_this_call"]} s (stages: {results["total_seconds"]} s): '
+        f'{out}/results.json, results.md, results.png')
+  return results
