@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 
 from imdm_jax.errors import UserError
@@ -35,8 +36,11 @@ class ModelConfig:
     if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
       raise UserError(f'model.hidden_size={self.hidden_size} must split into model.n_heads='
                       f'{self.n_heads} heads of even size (rotary embeddings)')
-    if self.noise_dim < 0:
-      raise UserError(f'model.noise_dim must be >= 0, got {self.noise_dim}')
+    _at_least(self, 'model', 2, 'vocab_size')
+    _at_least(self, 'model', 1, 'hidden_size', 'n_blocks', 'n_heads', 'cond_dim', 'mlp_ratio')
+    _at_least(self, 'model', 0, 'noise_dim')
+    _in_range('model.dropout', self.dropout, 0.0, 1.0, high_open=True)
+    _in_range('model.attn_softcap', self.attn_softcap, 0.0, math.inf, high_open=True)
     _one_of('model.arch', self.arch, ARCHS)
     _one_of('model.dtype', self.dtype, DTYPES)
 
@@ -60,8 +64,10 @@ class DiffusionConfig:
     _one_of('diffusion.noise_type', self.noise_type, NOISE_TYPES)
     if self.noise_type == 'learnable' and self.noise_scale != 1.0:
       raise UserError('diffusion.noise_scale must be 1 with learnable noise (sigma is learned)')
-    if self.num_mask_states < 0:
-      raise UserError(f'diffusion.num_mask_states must be >= 0, got {self.num_mask_states}')
+    _at_least(self, 'diffusion', 0, 'num_mask_states')
+    _in_range('diffusion.alpha_min', self.alpha_min, 0.0, 1.0, low_open=True, high_open=True)
+    _in_range('diffusion.noise_scale', self.noise_scale, 0.0, math.inf, low_open=True,
+              high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +107,14 @@ class OptimConfig:
   ema_decay: float = 0.9999
 
   def validate(self) -> None:
+    _in_range('optim.lr', self.lr, 0.0, math.inf, low_open=True, high_open=True)
+    _at_least(self, 'optim', 0, 'warmup_steps', 'decay_steps')
+    for key in ('b1', 'b2'):
+      _in_range(f'optim.{key}', getattr(self, key), 0.0, 1.0, high_open=True)
+    _in_range('optim.eps', self.eps, 0.0, math.inf, low_open=True, high_open=True)
+    _in_range('optim.weight_decay', self.weight_decay, 0.0, math.inf, high_open=True)
+    _in_range('optim.grad_clip', self.grad_clip, 0.0, math.inf, low_open=True, high_open=True)
+    _in_range('optim.ema_decay', self.ema_decay, 0.0, 1.0)
     if self.decay_steps and self.decay_steps <= max(self.warmup_steps, 1):
       raise UserError(f'optim.decay_steps={self.decay_steps} must exceed optim.warmup_steps='
                       f'{self.warmup_steps} (or be 0: no decay)')
@@ -120,7 +134,8 @@ class TrainConfig:
 
   def validate(self) -> None:
     _at_least(self, 'train', 1, 'batch_size', 'num_steps', 'log_every', 'eval_every', 'ckpt_every',
-              'grad_accum')
+              'grad_accum', 'keep_checkpoints')
+    _at_least(self, 'train', 0, 'seed', 'eval_batches')
     if self.batch_size % self.grad_accum:
       raise UserError(f'train.batch_size={self.batch_size} is not divisible by '
                       f'train.grad_accum={self.grad_accum}')
@@ -178,8 +193,7 @@ class RediConfig:
   def validate(self) -> None:
     _at_least(self, 'redi', 1, 'num_pairs', 'sampler_steps', 'rounds')
     _one_of('redi.final', self.final, FINAL_MODES)
-    if not self.temperature > 0:
-      raise UserError(f'redi.temperature={self.temperature} must be > 0')
+    _in_range('redi.temperature', self.temperature, 0.0, math.inf, low_open=True, high_open=True)
     if not 0.0 <= self.full_mask_fraction <= 1.0:
       raise UserError(f'redi.full_mask_fraction={self.full_mask_fraction} must be in [0, 1]')
 
@@ -209,6 +223,16 @@ class Config:
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     raise UserError(f'{key}={value!r}: expected one of {", ".join(allowed)}')
+
+
+def _in_range(key: str, value: float, low: float, high: float, low_open: bool = False,
+              high_open: bool = False) -> None:
+  """Refuses a value outside [low, high] (or the open ends asked for), and NaN."""
+  inside = ((low < value if low_open else low <= value) and
+            (value < high if high_open else value <= high))
+  if not inside:  # NaN is never inside
+    interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+    raise UserError(f'{key}={value} must be in {interval}')
 
 
 def _at_least(section, name: str, low: int, *keys: str) -> None:

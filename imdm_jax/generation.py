@@ -57,6 +57,8 @@ def prefix_ids(cfg: Config, tok, prefix: str) -> list[int]:
 def _check(req: Request, n_dev: int) -> int:
   if not req.steps or min(req.steps) < 1:
     raise UserError(f'--steps must be >= 1, got {",".join(map(str, req.steps))}')
+  if req.batch_size < 0:
+    raise UserError(f'--batch_size must be >= 0 (0: all samples, at most 64), got {req.batch_size}')
   batch = req.batch_size or min(req.num_samples, 64)
   if req.num_samples < 1 or req.num_samples % batch:
     raise UserError(f'--num_samples {req.num_samples} cannot be split into batches of {batch}')

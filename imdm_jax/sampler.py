@@ -47,8 +47,9 @@ class SamplerConfig:
       raise UserError(f'steps must be >= 1, got {self.steps}')
     if self.final not in FINAL_MODES:
       raise UserError(f'final={self.final!r}: expected one of {", ".join(FINAL_MODES)}')
-    if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
-      raise UserError('need temperature > 0 and 0 < top_p <= 1')
+    if not 0.0 < self.temperature < float('inf') or not 0.0 < self.top_p <= 1.0:
+      raise UserError(f'need 0 < temperature < inf and 0 < top_p <= 1, got temperature '
+                      f'{self.temperature}, top_p {self.top_p}')
     if self.cache and cfg.model.time_conditioning:
       raise UserError('the cached sampler needs a denoiser that ignores t (model.time_conditioning)')
 

@@ -8,6 +8,8 @@ mesh for `sample.py`, and `compile_coupler` compiles ReDi's coupling run (docs/m
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,6 +34,7 @@ def model_denoiser(graphdef: nnx.GraphDef, cfg: Config, mask_id: int,
   return denoise
 
 
+@functools.cache  # one program per (network, sampler, mesh): runs of one architecture share it
 def compile_sampler(cfg: Config, graphdef, mesh: Mesh, scfg: sampler.SamplerConfig, mask_id: int):
   """`run(params, key, z, eps) -> (samples, stats)`: the DiT sampler compiled over the mesh, the
   batch split over all devices, traced in float64 mode when `scfg.float64`. Under several

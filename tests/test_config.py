@@ -172,3 +172,21 @@ def test_from_dict_refuses_unknown_keys_and_sections_naming_them(edit, named):
   with pytest.raises(UserError, match=named) as refused:
     config_lib.from_dict(d)
   assert '\n' not in str(refused.value)
+
+
+@pytest.mark.parametrize('override,key', [
+    ('optim.lr=-1', 'optim.lr'), ('optim.lr=nan', 'optim.lr'), ('optim.lr=inf', 'optim.lr'),
+    ('optim.warmup_steps=-5', 'optim.warmup_steps'), ('optim.b2=1.0', 'optim.b2'),
+    ('optim.eps=0', 'optim.eps'), ('optim.grad_clip=0', 'optim.grad_clip'),
+    ('optim.ema_decay=1.5', 'optim.ema_decay'), ('optim.weight_decay=-0.1', 'optim.weight_decay'),
+    ('model.dropout=2', 'model.dropout'), ('model.dropout=1', 'model.dropout'),
+    ('model.attn_softcap=-1', 'model.attn_softcap'), ('model.vocab_size=1', 'model.vocab_size'),
+    ('model.n_blocks=0', 'model.n_blocks'), ('diffusion.alpha_min=0', 'diffusion.alpha_min'),
+    ('diffusion.noise_scale=nan', 'diffusion.noise_scale'),
+    ('train.keep_checkpoints=0', 'train.keep_checkpoints'), ('train.seed=-1', 'train.seed'),
+    ('train.eval_batches=-1', 'train.eval_batches'), ('redi.temperature=nan', 'redi.temperature'),
+    ('redi.temperature=inf', 'redi.temperature'), ('sdtt.stratum_rows=-1', 'sdtt.stratum_rows'),
+])
+def test_nonsense_values_are_refused_naming_the_key(override, key):
+  with pytest.raises(UserError, match=key.replace('.', r'\.')):
+    config_lib.resolve('tiny', [override])

@@ -146,8 +146,24 @@ def test_init_from_mdlm_run_and_refusals(micro_cfg, tmp_path):
   np.testing.assert_array_equal(state.ema['vocab_embed']['embedding'],
                                 ema['vocab_embed']['embedding'])
   np.testing.assert_array_equal(state.params['vocab_embed']['imdm_mlp']['mlp_out']['kernel'], 0.0)
+  # the official `load_ema`: the EMA restarts from the loaded weights with the source's count
+  assert int(state.ema_count) == 2 and int(state.step) == 0
   summary = trainer.train(imdm_cfg, str(tmp_path / 'imdm'), init_from=str(tmp_path / 'mdlm'))
   assert summary.step == 1 and np.isfinite(summary.val_ppl)
+  ckpt = init_from._open(str(tmp_path / 'imdm'))  # pylint: disable=protected-access
+  after = ckpt.restore(train_state.abstract_state(imdm_cfg, mesh))
+  ckpt.close()
+  # one update at decay min(0.9, (1 + 3)/(10 + 3)): the inherited count 2 plus this update, where
+  # a fresh count would have averaged at (1 + 1)/(10 + 1)
+  decay = min(0.9, 4 / 13)
+  kernel = lambda tree: np.asarray(tree['blocks'][1]['mlp_in']['kernel'])
+  np.testing.assert_allclose(kernel(after.ema), decay * kernel(ema) + (1 - decay) *
+                             kernel(after.params), rtol=1e-5, atol=1e-7)
+  assert int(after.ema_count) == 3
+
+  capped = replaced(imdm_cfg, model=dict(attn_softcap=50.0))  # same parameters, another function
+  with pytest.raises(UserError, match='model.attn_softcap=0.0, this run 50.0'):
+    trainer.train(capped, str(tmp_path / 'c'), init_from=str(tmp_path / 'mdlm'))
 
   wider = replaced(imdm_cfg, model=dict(cond_dim=8))
   with pytest.raises(UserError, match='blocks/0/adaLN_modulation/kernel has shape'):

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import distill
-from imdm_jax import couplings, distillation, init_from, noise, sharding, train_state, trainer
+from imdm_jax import (couplings, distillation, init_from, noise, redi, sharding, train_state,
+                      trainer)
 from imdm_jax.errors import UserError
 
 from helpers import coupling_report, load_pairs, perturbed
@@ -114,3 +115,17 @@ def test_redi_generate_command_reports_the_pairs_it_wrote_and_resumes(imdm_teach
   assert {c: os.stat(c).st_mtime_ns for c in kept} == kept
   for k, v in load_pairs(out).items():
     np.testing.assert_array_equal(v, pairs[k])
+
+
+def test_coupling_times_are_uniform_on_the_unit_interval_and_mask_with_t():
+  """t ~ U(0, 1] as the official `torch.rand` (without 0), or 1 for the full-mask share; each
+  token masked with probability t."""
+  x = jnp.zeros((20000, 64), jnp.int32)
+  z, t = redi.coupling_inputs(jax.random.PRNGKey(0), x, 7, full_mask_fraction=0.0)
+  t = np.asarray(t)
+  assert 0.0 < t.min() and t.max() <= 1.0
+  np.testing.assert_allclose(np.quantile(t, [0.1, 0.5, 0.9]), [0.1, 0.5, 0.9], atol=0.01)
+  masked = np.asarray(z == 7).mean(1)
+  np.testing.assert_allclose(np.mean(masked - t), 0.0, atol=0.003)
+  _, t_full = redi.coupling_inputs(jax.random.PRNGKey(1), x, 7, full_mask_fraction=0.25)
+  np.testing.assert_allclose(np.mean(np.asarray(t_full) == 1.0), 0.25, atol=0.01)

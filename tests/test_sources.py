@@ -87,6 +87,20 @@ def test_a_part_the_checkpoint_lacks_is_refused_not_returned_as_placeholders(run
   ckpt.close()
 
 
+@pytest.mark.parametrize('workdir,program', [('train', 'sdtt'), ('sdtt', 'train')])
+def test_a_workdir_of_another_program_is_refused_in_one_line(runs, workdir, program):
+  """`distill.py sdtt --workdir` on a train run (and train.py on an SDTT run): one line naming
+  what the checkpoint lacks, and the run left as it was."""
+  cfg, root = runs
+  ckpts = root / workdir / 'checkpoints'
+  before = sorted(os.listdir(ckpts))
+  prog = distillation.sdtt_program(cfg) if program == 'sdtt' else trainer.TRAIN
+  with pytest.raises(UserError, match='written by another program'):
+    trainer.train(replaced(cfg, train=dict(num_steps=4)), str(root / workdir),
+                  init_from=str(root / 'train'), program=prog)
+  assert sorted(os.listdir(ckpts)) == before
+
+
 def test_an_sdtt_run_samples(runs, tmp_path):
   cfg, root = runs
   summary = generation.run(generation.Request(

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
-from imdm_jax.errors import UserError
-
+from experiments import results_files
 from experiments.synthetic import task
 
 FAMILIES = ('mdm', 'imdm')
@@ -113,11 +109,4 @@ def plot(results: dict, path: str) -> None:
 
 def render(out: str) -> None:
   """results.md and results.png of the results.json in `out`."""
-  path = os.path.join(out, 'results.json')
-  if not os.path.exists(path):
-    raise UserError(f'--out {out}: no results.json to render')
-  with open(path) as f:
-    results = json.load(f)
-  with open(os.path.join(out, 'results.md'), 'w') as f:
-    f.write(markdown(results))
-  plot(results, os.path.join(out, 'results.png'))
+  results_files.render(out, markdown, plot)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 from imdm_jax import files
-from imdm_jax.errors import UserError
 
+from experiments import results_files
 from experiments.text.settings import ARMS
 
 # The target (issue #17): after SDTT -> ReDi, IMDM's 2-step Gen PPL at most half of MDLM's, with
@@ -41,7 +38,8 @@ def _in_order(table: dict) -> list[tuple[str, dict]]:
 def markdown(results: dict) -> str:
   arms = results['arms']
   steps = sorted({s for scores in arms.values() for s in scores}, key=int)
-  lines = [f'Command: `{results["command"]}`', '',
+  lines = [f'Command: `{results["command"]}`' + (f' at commit `{results["commit"]}`'
+                                                  if results.get('commit') else ''), '',
            f'Gen PPL under the evaluator `{results["evaluator"]}` [95 % bootstrap interval] / '
            f'unigram entropy (nats); {results["study"]["num_samples"]} samples per cell, the same '
            f'seeds in every arm.', '',
@@ -104,10 +102,5 @@ def plot(results: dict, path: str) -> None:
 
 
 def render(out: str) -> None:
-  path = os.path.join(out, 'results.json')
-  if not os.path.exists(path):
-    raise UserError(f'--render: no results.json in {out}')
-  with open(path) as f:
-    results = json.load(f)
-  files.write_atomic(os.path.join(out, 'results.md'), markdown(results))
-  plot(results, os.path.join(out, 'results.png'))
+  """results.md and results.png of the results.json in `out`."""
+  results_files.render(out, markdown, plot)

@@ -77,7 +77,7 @@ def micro() -> Study:
             'couplings': ('redi.num_pairs=32', 'redi.sampler_steps=8'),
             'redi': _steps(10),
             'redi_only': ('redi.ignore_seed=true',)},
-      eval_steps=(1, 2, 8), num_samples=16, sample_batch=16)
+      eval_steps=(1, 2), num_samples=16, sample_batch=16)
 
 
 @_preset

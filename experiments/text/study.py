@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import time
 from typing import Callable
 
@@ -61,6 +62,19 @@ def _train(cfg: Config, init_from: str | None = None, program=trainer.TRAIN):
   return lambda where: trainer.train(cfg, where, init_from=init_from, program=program)
 
 
+def _commit() -> str:
+  """The repository's commit (with `+changes` when the tree differs from it), or '' outside git."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ''
+  return rev + ('+changes' if dirty else '')
+
+
 def run(study: Study, out: str, command: str, log=print) -> dict:
   """Every stage of `study` in `out`; returns (and writes) the results."""
   os.makedirs(out, exist_ok=True)
@@ -96,8 +110,8 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
     rectify(f'{f}/sdtt+redi', f'{f}/sdtt', cfg[f]['redi'])
 
   path = os.path.join(out, 'results.json')
-  results = {'command': command, 'study': dataclasses.asdict(study), 'evaluator': evaluator,
-             'runs': runs, 'arms': {}, 'diagnostics': {}}
+  results = {'command': command, 'commit': _commit(), 'study': dataclasses.asdict(study),
+             'evaluator': evaluator, 'runs': runs, 'arms': {}, 'diagnostics': {}}
   if os.path.exists(path):  # arms scored by an earlier, interrupted run
     with open(path) as f:
       earlier = json.load(f)
