@@ -1,9 +1,14 @@
-"""Atomic file writes: a crash mid-write leaves the old file, never a partial one."""
+"""Atomic file writes (a crash mid-write leaves the old file, never a partial one), and the lock
+that keeps two runs out of one directory."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from typing import Callable
+from typing import Callable, Iterator
+
+from imdm_jax.errors import UserError
 
 
 def write_atomic(path: str, content: str | Callable[[str], None]) -> None:
@@ -18,3 +23,26 @@ def write_atomic(path: str, content: str | Callable[[str], None]) -> None:
     with open(tmp, 'w') as f:
       f.write(content)
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(directory: str) -> Iterator[None]:
+  """Holds `directory/.lock` (an advisory `flock`, released when the holder exits or dies) for the
+  block: a second run on the same directory is refused in one line naming the holder."""
+  path = os.path.join(directory, '.lock')
+  with open(path, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise UserError(f'{directory} is in use by another run ({holder}); wait for it, or use '
+                      'another directory') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {os.uname().nodename}')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

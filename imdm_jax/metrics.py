@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import SupportsFloat
@@ -27,7 +28,9 @@ class MetricWriter:
   def write(self, step: int, values: dict[str, SupportsFloat]) -> None:  # floats, numpy/jax scalars
     if not self._active:
       return
-    record = {'step': step, 'time': time.time(), **{k: float(v) for k, v in values.items()}}
+    # strict JSON: a non-finite value is written as null (json.dumps would write a bare NaN)
+    record = {'step': step, 'time': time.time(),
+              **{k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._tb is not None:

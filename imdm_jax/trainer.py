@@ -15,9 +15,10 @@ from typing import Any, Callable
 import jax
 from tqdm import tqdm
 
-from imdm_jax import (checkpoint, config as config_lib, init_from as init_lib, memory, metrics,
-                      sharding, train_state, train_step)
+from imdm_jax import (checkpoint, config as config_lib, files, init_from as init_lib, memory,
+                      metrics, sharding, train_state, train_step)
 from imdm_jax.data import pipeline, store
+from imdm_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +67,20 @@ def evaluate(eval_fn, params, rows, cfg: config_lib.Config, mesh) -> tuple[float
 
 def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
           program: Program = TRAIN) -> Summary:
-  """Trains (or resumes) a run in `workdir`; a fresh run may start from `init_from`'s EMA weights."""
+  """Trains (or resumes) a run in `workdir`; a fresh run may start from `init_from`'s EMA weights.
+  Process 0 holds the workdir's lock throughout: a second run on it is refused."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} is a file, not a directory')
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    return _train(cfg, workdir, init_from, program)
+  with files.locked(workdir):
+    return _train(cfg, workdir, init_from, program)
+
+
+def _train(cfg: config_lib.Config, workdir: str, init_from: str | None,
+           program: Program) -> Summary:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(cfg.mesh)
   # fail fast on a batch or micro-batch the devices cannot split
@@ -116,8 +128,14 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
       bar.update(1)
     pending = out
     done = step == cfg.train.num_steps
-    if step % cfg.train.log_every == 0 or done:
+    saving = step % cfg.train.ckpt_every == 0 or done
+    evaluating = step % cfg.train.eval_every == 0 or done
+    if step % cfg.train.log_every == 0 or saving or evaluating:
       out = jax.device_get(out)
+      if not (math.isfinite(out['loss']) and math.isfinite(out['grad_norm'])):
+        writer.write(step, {'train/loss': out['loss'], 'train/grad_norm': out['grad_norm']})
+        bar.close()
+        _stop_diverged(step, out, ckpt, writer)
       now = time.perf_counter()
       rate = (step - last_step) / (now - last_time)
       last_time, last_step = now, step
@@ -127,7 +145,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
       writer.write(step, values)
       bar.set_postfix(loss=f'{out["loss"]:.3f}', steps_s=f'{rate:.2f}',
                       tok_s=f'{rate * tokens_per_step:,.0f}')
-    if step % cfg.train.eval_every == 0 or done:
+    if evaluating:
       val_loss, val_ppl = evaluate(eval_fn, program.student(state).ema, data.validation, cfg, mesh)
       writer.write(step, {'val/loss': val_loss, 'val/ppl': val_ppl})
       if is_main:
@@ -135,7 +153,7 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
         tqdm.write(f'step {step}: validation loss {val_loss:.4f} nats/token, '
                    f'perplexity{bound} {val_ppl:.2f} (EMA weights)')
       last_time = time.perf_counter()  # keep evaluation out of the throughput numbers
-    if step % cfg.train.ckpt_every == 0 or done:
+    if saving:  # only after the check above: a checkpoint never holds a diverged state
       ckpt.save(step, state, cfg, train_iter, force=True)
   if pending is not None:
     jax.block_until_ready(pending)
@@ -151,6 +169,19 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
     print(f'done: step {step}, validation perplexity {val_ppl:.2f} | checkpoints '
           f'{ckpt.directory} | metrics {writer.path} | config {os.path.join(workdir, "config.json")}')
   return Summary(step, val_loss, val_ppl, workdir)
+
+
+def _stop_diverged(step: int, out: dict, ckpt: checkpoint.Checkpointer,
+                   writer: metrics.MetricWriter) -> None:
+  """Ends a run whose loss or gradient is no longer finite, keeping its checkpoints (every one
+  was saved from a finite step): one line naming the step and the last good checkpoint."""
+  ckpt.wait()
+  last = ckpt.latest_step()
+  ckpt.close()
+  writer.close()
+  kept = f'the last checkpoint (step {last}) is intact' if last is not None else 'no checkpoint'
+  raise UserError(f'diverged at step {step}: loss {out["loss"]}, gradient norm '
+                  f'{out["grad_norm"]}; {kept} (lower optim.lr, or raise optim.warmup_steps)')
 
 
 def unigram_baseline(cfg: config_lib.Config) -> float:

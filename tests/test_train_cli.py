@@ -56,6 +56,36 @@ def test_bad_input_exits_2_with_one_line(tmp_path, data_dir, args, message):
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints' / '1')
 
 
+def test_divergence_stops_in_one_line_and_keeps_the_finite_checkpoints(tmp_path, data_dir):
+  """lr 1e6 reaches a non-finite loss within a few steps: the run stops there with one line and
+  a non-zero status, metrics.jsonl stays strict JSON (null, not NaN), and every checkpoint left
+  is one saved before the divergence (none holds a NaN)."""
+  workdir = tmp_path / 'run'
+  result = _train('--workdir', str(workdir), '--set', 'optim.lr=1e6', '--set',
+                  'optim.warmup_steps=1', '--set', 'train.num_steps=40', '--set',
+                  'train.ckpt_every=1', '--set', 'train.log_every=1', data_dir=data_dir)
+  assert_one_line_error(result, 'diverged at step')
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]  # strict: no NaN
+  bad = [r['step'] for r in records
+         if 'train/loss' in r and None in (r['train/loss'], r['train/grad_norm'])]
+  assert bad, records
+  kept = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
+  assert kept and max(kept) < bad[0]
+  assert f'the last checkpoint (step {max(kept)}) is intact' in result.stderr
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
+  """The workdir lock: held for the run, refused to a second holder, released afterwards."""
+  from imdm_jax import files  # pylint: disable=g-import-not-at-top
+  from imdm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  with files.locked(str(tmp_path)):
+    with pytest.raises(UserError, match=f'{tmp_path} is in use by another run \\(pid {os.getpid()}'):
+      with files.locked(str(tmp_path)):
+        pass
+  with files.locked(str(tmp_path)):  # released
+    pass
+
+
 @pytest.mark.slow
 def test_tiny_preset_beats_unigram_perplexity(tmp_path):
   """The default job: about 6 minutes on 2 cores."""
