@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--out', help='redi-generate: where the couplings go')
   p.add_argument('--workdir', help='sdtt, redi-train, redi: the run directory')
   p.add_argument('--preset', default='tiny', help='the student (default tiny)')
+  p.add_argument('--force', action='store_true',
+                 help='redi-generate: replace couplings of another request in --out')
   p.add_argument('--set', dest='overrides', action='append', default=[],
                  metavar='SECTION.KEY=VALUE')
   runtime.add_cluster_flags(p)
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
     trainer.train(cfg, args.workdir, init_from=args.teacher, program=distillation.sdtt_program(cfg))
   elif args.method == 'redi-generate':
     _need(args, 'teacher', 'out')
-    couplings.generate(cfg, args.teacher, args.out)  # prints its own `done:` line
+    couplings.generate(cfg, args.teacher, args.out, force=args.force)  # prints its `done:` line
   elif args.method == 'redi-train':
     _need(args, 'couplings', 'init', 'workdir')
     trainer.train(cfg, args.workdir, init_from=args.init,

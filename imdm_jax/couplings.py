@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -30,13 +31,55 @@ from imdm_jax.data import pipeline, store
 from imdm_jax.errors import UserError
 
 META = 'couplings.json'
+REQUEST = 'request.json'  # what the chunks in a directory were made by: a rerun must match it
 
 
 def _chunk_path(chunks: str, c: int) -> str:
   return os.path.join(chunks, f'chunk_{c:06d}.npz')
 
 
-def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
+def _request(cfg: Config, teacher: str, seed_offset: int) -> dict:
+  """Everything the pairs of a directory depend on: a resumed run must ask for the same."""
+  return {'teacher': os.path.abspath(teacher), 'seed_offset': seed_offset,
+          'seed': cfg.train.seed, 'chunk': cfg.train.batch_size, 'num_pairs': cfg.redi.num_pairs,
+          'redi': {k: v for k, v in dataclasses.asdict(cfg.redi).items()
+                   if k not in ('num_pairs', 'ignore_seed', 'rounds')},  # training-side keys
+          'data': dataclasses.asdict(cfg.data)}
+
+
+def _claim(out: str, request: dict, force: bool) -> None:
+  """Makes `out` the directory of `request`'s pairs: new, or already holding (some of) them. Pairs
+  of another request are refused (or, with `force`, removed) rather than reused."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f'--out {out} is a file, not a directory')
+  path = os.path.join(out, REQUEST)
+  earlier = None
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        earlier = json.load(f)
+    except (OSError, ValueError):
+      earlier = {}
+  elif os.path.isdir(os.path.join(out, 'chunks')):
+    earlier = {}  # chunks of an unknown request
+  if earlier is not None and earlier != request:
+    if not force:
+      diff = next((k for k in request if earlier.get(k) != request[k]), 'its request')
+      raise UserError(f'--out {out} holds couplings of another request ({diff}: '
+                      f'{earlier.get(diff, "unknown")!r}, now {request.get(diff)!r}); use another '
+                      '--out, or --force to replace them')
+    for name in ('chunks', 'couplings', META, REQUEST):
+      target = os.path.join(out, name)
+      if os.path.isdir(target):
+        shutil.rmtree(target)
+      elif os.path.exists(target):
+        os.remove(target)
+  os.makedirs(out, exist_ok=True)
+  files.write_atomic(path, json.dumps(request, indent=2, sort_keys=True))
+
+
+def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0,
+             force: bool = False) -> str:
   """Writes `cfg.redi.num_pairs` couplings of `teacher` into `out`; returns the dataset dir.
 
   Chunk c holds pairs [cB, (c + 1)B) (B = train.batch_size), generated as one global batch over
@@ -62,6 +105,7 @@ def generate(cfg: Config, teacher: str, out: str, seed_offset: int = 0) -> str:
   run = sampling.compile_coupler(tcfg, train_state.model_graphdef(tcfg), mesh, mask_id)
   chunks = os.path.join(out, 'chunks')
   if is_main:
+    _claim(out, _request(cfg, teacher, seed_offset), force)
     os.makedirs(chunks, exist_ok=True)
   # Chunks written by an interrupted earlier run are skipped; process 0's view decides, since
   # every chunk is one program all processes run together.
@@ -127,10 +171,15 @@ def load(path: str, cfg: Config, tokenizer_name: str):
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
     raise UserError(f'--couplings {path}: no {META} (generate with `distill.py redi-generate`)')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'--couplings {path}: {META} is unreadable ({type(e).__name__})') from None
   for key, ours in (('seq_len', cfg.data.seq_len), ('vocab_size', cfg.model.vocab_size),
                     ('tokenizer', tokenizer_name)):
+    if not isinstance(meta, dict) or key not in meta:
+      raise UserError(f'--couplings {path}: {META} has no {key!r}')
     if meta[key] != ours:
       raise UserError(f'--couplings {path}: {key}={meta[key]!r}, the student has {ours!r}')
   builder = tfds.builder_from_directory(glob.glob(os.path.join(path, 'couplings', '*'))[0])

@@ -117,6 +117,31 @@ def test_redi_generate_command_reports_the_pairs_it_wrote_and_resumes(imdm_teach
     np.testing.assert_array_equal(v, pairs[k])
 
 
+def test_redi_generate_refuses_pairs_of_another_request_unless_forced(imdm_teacher, capsys):
+  """Stale pairs are never reused as new: another num_pairs (or teacher) in the same --out is
+  refused in one line and the pairs left as they were; --force replaces them."""
+  cfg, root = imdm_teacher
+  out = str(root / 'stale')
+  argv = ['redi-generate', '--preset', 'micro', '--teacher', str(root / 'teacher'), '--out', out,
+          *[a for s in (*OVERRIDES, f'data.data_dir={cfg.data.data_dir}') for a in ('--set', s)]]
+  distill.main(argv)
+  before = load_pairs(out)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    distill.main(argv + ['--set', 'redi.num_pairs=16'])
+  assert exit_info.value.code == 2
+  assert 'holds couplings of another request (num_pairs: 40, now 16)' in capsys.readouterr().err
+  for k, v in load_pairs(out).items():
+    np.testing.assert_array_equal(v, before[k])
+  distill.main(argv + ['--set', 'redi.num_pairs=16', '--force'])
+  total, new, _ = coupling_report(capsys.readouterr().out)
+  assert total == new == 16 == len(load_pairs(out)['seed'])
+  with open(os.path.join(out, couplings.META), 'w') as f:
+    f.write('\x00garbage')
+  with pytest.raises(UserError, match='couplings.json is unreadable'):
+    couplings.load(out, cfg, 'x')
+
+
 def test_coupling_times_are_uniform_on_the_unit_interval_and_mask_with_t():
   """t ~ U(0, 1] as the official `torch.rand` (without 0), or 1 for the full-mask share; each
   token masked with probability t."""
