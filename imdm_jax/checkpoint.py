@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -84,6 +86,42 @@ class Checkpointer:
                       f'in its state ({", ".join(sorted(saved))}): it was written '
                       'by another program (train, sdtt, redi-train) or an older version; use '
                       'another workdir, or start one from it with --init_from')
+
+  def restore_latest_intact(self, abstract_state, data_iter, compatible) -> Any:
+    """Restores the newest checkpoint that reads back whole, after `compatible(saved_config)`
+    has accepted it. A damaged one (a truncated or missing file, from a disk fault or a copy cut
+    short) is named in one line and set aside as `STEP.damaged` (kept for inspection; a new
+    checkpoint of that step can then be written), and the one before it is tried."""
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        saved = self.saved_config(step)
+        compatible(saved)
+        state = self.restore(abstract_state, data_iter, step)
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, json, OS)
+        damaged.append(step)
+        if jax.process_index() == 0:
+          reason = (str(e).strip().splitlines() or [''])[0][:200]
+          print(f'checkpoint {step} in {self.directory} is damaged ({type(e).__name__}: '
+                f'{reason}); trying the one before it', file=sys.stderr)
+        continue
+      if damaged:
+        self._set_aside(damaged)
+      return state
+    raise UserError(f'no intact checkpoint in {self.directory} (damaged: '
+                    f'{", ".join(map(str, damaged))}); move them away to start afresh')
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        os.replace(os.path.join(self.directory, str(step)),
+                   os.path.join(self.directory, f'{step}.damaged'))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('checkpoint: damaged steps set aside')
+    self._manager.reload()
 
   def state_keys(self, step: int | None = None) -> set[str]:
     """The top-level fields of the state saved at `step`: what kind of run wrote it (a

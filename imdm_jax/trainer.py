@@ -88,15 +88,21 @@ def _train(cfg: config_lib.Config, workdir: str, init_from: str | None,
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints)
   latest = ckpt.latest_step()
+  compatible = lambda saved: checkpoint.check_compatible(saved, cfg, workdir)
   if latest is not None:
-    checkpoint.check_compatible(ckpt.saved_config(latest), cfg, workdir)
+    try:  # fail fast, before the data is prepared (a damaged config is dealt with below)
+      early = ckpt.saved_config(latest)
+    except Exception:  # pylint: disable=broad-except
+      early = None
+    if early is not None:
+      compatible(early)
 
   data = program.data(cfg)
   mask_id = data.tokenizer.mask_id
   graphdef = train_state.model_graphdef(cfg)
   train_iter = pipeline.train_iterator(data.train, cfg.train.batch_size, cfg.train.seed)
   if latest is not None:
-    state = ckpt.restore(program.abstract(cfg, mesh), train_iter)
+    state = ckpt.restore_latest_intact(program.abstract(cfg, mesh), train_iter, compatible)
   else:
     state = program.init(cfg, mesh, init_from)
   checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config_lib.to_dict(cfg))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -54,6 +55,38 @@ def test_bad_input_exits_2_with_one_line(tmp_path, data_dir, args, message):
   result = _train('--workdir', str(tmp_path / 'w'), *args, data_dir=data_dir)
   assert_one_line_error(result, message)
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints' / '1')
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(max(os.path.getsize(path) // 2, 1) - 1)
+
+
+def _damage_data(step_dir):
+  data = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'state', 'd'))
+          for f in fs]
+  for f in data:
+    _truncate(f)
+
+
+@pytest.mark.parametrize('damage', [
+    _damage_data,
+    lambda step_dir: os.remove(os.path.join(step_dir, 'state', '_METADATA')),
+    lambda step_dir: _truncate(os.path.join(step_dir, 'config', 'metadata')),
+    lambda step_dir: shutil.rmtree(os.path.join(step_dir, 'state')),
+], ids=['truncated-data', 'no-state-metadata', 'truncated-config', 'no-state'])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data_dir, damage):
+  """The latest checkpoint damaged on disk: the rerun names it, sets it aside as STEP.damaged
+  and resumes from the intact one before it."""
+  workdir = str(tmp_path / 'run')
+  common = ('--workdir', workdir, '--set', 'train.ckpt_every=2', '--set', 'train.log_every=1')
+  assert _train(*common, '--set', 'train.num_steps=4', data_dir=data_dir).returncode == 0
+  damage(os.path.join(workdir, 'checkpoints', '4'))
+  again = _train(*common, '--set', 'train.num_steps=6', data_dir=data_dir)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'checkpoint 4 in' in again.stderr and 'is damaged' in again.stderr
+  assert _logged_steps(workdir) == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed at step 2
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '4.damaged', '6']
 
 
 def test_divergence_stops_in_one_line_and_keeps_the_finite_checkpoints(tmp_path, data_dir):
