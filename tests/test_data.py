@@ -159,3 +159,27 @@ def test_empty_corpus_is_a_user_error(tmp_path):
   (tmp_path / 'empty.jsonl').write_text('')
   with pytest.raises(UserError):
     sources.documents(DataConfig(source=f'text:{tmp_path}/*.jsonl'))
+
+
+def test_long_documents_are_split_for_sentencepiece_not_dropped(tmp_path, micro_cfg):
+  """A corpus whose every file is one book of over 64 KiB (sentencepiece drops inputs that long)
+  trains a tokenizer; pieces fit the limit and put the text back together exactly."""
+  from imdm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  book = lambda n: '\n'.join(' '.join(rng.choice(WORDS, 12)) for _ in range(n)) + '\n'
+  long_line = ' '.join(rng.choice(WORDS, 20000)) + ' ' + 'x' * 70000
+  for text in (book(3000), long_line, 'short'):
+    pieces = list(tokenizers._fit(text))  # pylint: disable=protected-access
+    assert ''.join(pieces) == text
+    assert all(len(p.encode()) <= tokenizers.MAX_SENTENCE_BYTES for p in pieces)
+  for i in range(3):
+    (tmp_path / f'book{i}.txt').write_text(book(3000))
+  assert min(len((tmp_path / f'book{i}.txt').read_bytes()) for i in range(3)) > 1 << 16
+  cfg = dataclasses.replace(micro_cfg, data=dataclasses.replace(
+      micro_cfg.data, source=f'text:{tmp_path}/*.txt', data_dir=str(tmp_path / 'cache'),
+      val_split='last:1'), model=dataclasses.replace(micro_cfg.model, vocab_size=129))
+  with pytest.raises(UserError, match=r'needs at least \d+ pieces .*: set model.vocab_size >= '):
+    store.prepare(cfg)  # our terms, not sentencepiece's internal check
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=385))
+  data = store.prepare(cfg)
+  assert len(data.train) > 0 and data.tokenizer.mask_id == 384

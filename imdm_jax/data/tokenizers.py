@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, Protocol, runtime_checkable
+import re
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import sentencepiece as spm
 
@@ -53,19 +54,58 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids if int(i) not in special])
 
 
+MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece drops longer inputs (`max_sentence_length`)
+
+
+def _fit(text: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+  """`text` itself if it fits in `limit` UTF-8 bytes; otherwise pieces that do: whole lines packed
+  together, a longer line cut between words, a longer word cut every `limit // 4` characters (4
+  bytes at most each). Sentencepiece would drop the whole document instead."""
+  if len(text.encode()) <= limit:
+    yield text
+    return
+  words = []
+  for line in text.splitlines(keepends=True):
+    parts = [line] if len(line.encode()) <= limit else re.findall(r'\S+\s*|\s+', line)
+    for part in parts:
+      words += [part[i:i + limit // 4] for i in range(0, len(part), limit // 4)]
+  piece, size = [], 0
+  for word in words:
+    n = len(word.encode())
+    if size + n > limit:
+      yield ''.join(piece)
+      piece, size = [], 0
+    piece.append(word)
+    size += n
+  if piece:
+    yield ''.join(piece)
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str) -> None:
   """Trains a unigram model of `vocab_size` pieces (mask excluded); byte fallback means any text
   can be encoded. Written to a temporary name first so an interrupted run leaves no bad model."""
   os.makedirs(os.path.dirname(model_path), exist_ok=True)
   prefix = model_path[:-len('.model')] + f'.tmp{os.getpid()}'
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(t for t in texts if t.strip()), model_prefix=prefix,
+      sentence_iterator=iter(p for t in texts if t.strip() for p in _fit(t)), model_prefix=prefix,
       vocab_size=vocab_size, model_type='unigram', character_coverage=1.0, byte_fallback=True,
       pad_id=0, unk_id=1, bos_id=2, eos_id=3, input_sentence_size=2_000_000,
-      shuffle_input_sentence=True, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+      shuffle_input_sentence=True, max_sentence_length=MAX_SENTENCE_BYTES,
+      num_threads=os.cpu_count() or 1,
       minloglevel=2)
   os.replace(prefix + '.model', model_path)
   os.remove(prefix + '.vocab')
+
+
+def _explain(error: str, vocab_size: int) -> str:
+  """Sentencepiece's internal check, in the terms of our config."""
+  need = re.search(r'smaller than required_chars\. (\d+) vs (\d+)', error)
+  if need:
+    return (f'the corpus needs at least {need.group(2)} pieces (its characters and the 256 byte '
+            f'pieces): set model.vocab_size >= {int(need.group(2)) + 1}')
+  if 'sentences_.empty()' in error:
+    return 'the corpus holds no text to train on'
+  return error.strip().splitlines()[-1]
 
 
 def load_tokenizer(name: str, vocab_size: int, cache_dir: str, corpus_id: str,
@@ -78,7 +118,7 @@ def load_tokenizer(name: str, vocab_size: int, cache_dir: str, corpus_id: str,
         train_sentencepiece(training_texts(), vocab_size - 1, path)
       except RuntimeError as e:
         raise UserError(f'cannot train a {vocab_size - 1}-piece sentencepiece model on '
-                        f'{corpus_id}: {str(e).splitlines()[-1]}') from None
+                        f'{corpus_id}: {_explain(str(e), vocab_size)}') from None
     return SentencePieceTokenizer(path)
   from imdm_jax.data import pretrained  # pylint: disable=g-import-not-at-top
   return pretrained.load(name, local_path)
