@@ -46,3 +46,17 @@ def locked(directory: str) -> Iterator[None]:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_if_empty(directory: str, ignoring: tuple[str, ...] = ()) -> None:
+  """Removes `directory` if it holds nothing but empty directories and the files named in
+  `ignoring` (and those)."""
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if os.path.isdir(path) and not os.listdir(path):
+      os.rmdir(path)
+  if set(os.listdir(directory)) <= set(ignoring):
+    for name in ignoring:
+      if os.path.isfile(os.path.join(directory, name)):
+        os.remove(os.path.join(directory, name))
+    os.rmdir(directory)

@@ -72,11 +72,17 @@ def train(cfg: config_lib.Config, workdir: str, init_from: str | None = None,
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir} is a file, not a directory')
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() != 0:
     return _train(cfg, workdir, init_from, program)
-  with files.locked(workdir):
-    return _train(cfg, workdir, init_from, program)
+  try:
+    with files.locked(workdir):
+      return _train(cfg, workdir, init_from, program)
+  except UserError:
+    if created:  # a refused fresh run leaves no empty workdir behind
+      files.remove_if_empty(workdir, ignoring=('.lock',))
+    raise
 
 
 def _train(cfg: config_lib.Config, workdir: str, init_from: str | None,
