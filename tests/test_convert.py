@@ -63,6 +63,36 @@ def test_lightning_ema_by_default_raw_on_request(prefix, tmp_path):
   assert np.abs(ours - raw_logits).max() > 0.1  # the two weight sets are told apart
   assert convert(src, tmp_path / 'raw', raw=True).weights == 'raw weights'
   assert_converted(tmp_path / 'raw', raw_ref, cfg)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'ema' / 'checkpoints'))
+  state = ckpt.restore(train_state.abstract_state(ckpt.saved_config(),
+                                                  sharding.make_mesh(MeshConfig())))
+  ckpt.close()
+  assert int(state.ema_count) == 7  # the .ckpt's ema.num_updates: a distilled student inherits it
+
+
+def test_lightning_hyper_parameters_set_what_the_tensors_cannot(tmp_path):
+  """The soft-cap, time conditioning and noise type of a `.ckpt` come from its saved run config
+  (upstream spellings: `softcap`, `length`, `algo.noise_type=randn`); `softcap: -1` is off, and
+  an MDLM trained by the IMDM code (`algo.as_mdlm`) keeps no noise settings."""
+  from imdm_jax.convert import sources  # pylint: disable=g-import-not-at-top
+  hyper = lambda config: sources.hyper_parameters({'hyper_parameters': {'config': config}})
+  imdm = {'time_conditioning': False, 'model': {'softcap': 50.0, 'length': 128, 'name': 'small'},
+          'algo': {'noise_type': 'randn', 'noise_dim': 768}}
+  assert hyper(imdm) == {'time_conditioning': False, 'softcap': 50.0, 'model_length': 128,
+                         'name': 'small', 'noise_type': 'randn', 'noise_dim': 768}
+  assert 'noise_dim' not in hyper({**imdm, 'algo': {**imdm['algo'], 'as_mdlm': True}})
+  cfg = config(dataclasses.replace(MICRO, attn_softcap=30.0))
+  ref = torch_model(cfg, seed=2)
+  src = lightning(tmp_path, ref, ref)
+  ckpt = torch.load(src, weights_only=False)
+  ckpt['hyper_parameters'] = {'config': {'model': {'softcap': 30.0, 'length': 32}}}
+  torch.save(ckpt, src)
+  convert(src, tmp_path / 'out')  # the micro preset has no soft-cap: it comes from the .ckpt
+  assert assert_converted(tmp_path / 'out', ref, cfg).model.attn_softcap == 30.0
+  ckpt['hyper_parameters'] = {'config': {'model': {'softcap': -1}}}
+  torch.save(ckpt, src)
+  convert(src, tmp_path / 'off')
+  assert restore(tmp_path / 'off')[2].model.attn_softcap == 0.0
 
 
 # ----------------------------------------------------------------------------------------------

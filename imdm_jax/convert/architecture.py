@@ -127,11 +127,20 @@ def _check_vocabulary(cfg: Config) -> None:
                       f'{tokenizer.vocab_size}, the tensors V={v}')
 
 
+# Upstream spellings of values (IMDM's `algo.noise_type`; `softcap: -1` for off).
+STATED_VALUES: dict[Field, dict[Any, Any]] = {
+    ('diffusion', 'noise_type'): {'rand': 'uniform', 'randn': 'normal'}}
+
+
 def _stated(config_json: dict[str, Any], base: Config) -> dict[Field, Any]:
   fields = {}
   for key, value in config_json.items():
     if key in STATED_KEYS and value is not None:
       section, name = STATED_KEYS[key]
+      value = STATED_VALUES.get((section, name), {}).get(value, value)
+      if (section, name) == ('model', 'attn_softcap') and isinstance(value, (int, float)) and \
+          value <= 0:
+        value = 0.0  # upstream's -1 (or 0): no soft-cap
       typ = type(getattr(getattr(base, section), name))
       if typ in (int, float) and type(value) in (int, float) and typ(value) == value:
         value = typ(value)  # JSON's 50 for a float field, 12.0 for an int one

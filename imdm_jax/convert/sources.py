@@ -57,8 +57,8 @@ def read(path: str, raw: bool = False) -> Source:
   if raw and not path.endswith('.ckpt'):
     raise UserError('--raw applies to Lightning .ckpt files only (they hold raw and EMA weights)')
   if path.endswith('.ckpt'):
-    state, weights, ema_count = _lightning(path, raw)
-    return Source(normalise(state), stated, weights, ema_count)
+    state, weights, ema_count, hyper = _lightning(path, raw)
+    return Source(normalise(state), {**hyper, **stated}, weights, ema_count)
   if path.endswith('.safetensors'):
     state = _safetensors([path])
   elif path.endswith('.safetensors.index.json'):
@@ -114,18 +114,40 @@ def _torch_load(path: str, weights_only: bool):
     raise UserError(f'{path}: unpickling needs the package {e.name!r} (pip install it)') from None
 
 
-def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str, int]:
+def hyper_parameters(ckpt: Mapping) -> dict[str, Any]:
+  """The settings a Lightning checkpoint's saved run config states, under `config.json` names:
+  its `model` section (`softcap`, `length`, sizes), the `algo` section (`noise_type`,
+  `noise_dim`, ...) and `time_conditioning` wherever it sits. The tensors cannot tell these (the
+  soft-cap above all), and converting without them computes another function."""
+  config = (ckpt.get('hyper_parameters') or {}).get('config') if isinstance(
+      ckpt.get('hyper_parameters'), Mapping) else None
+  if not hasattr(config, 'items'):  # an omegaconf DictConfig or a dict; anything else says nothing
+    return {}
+  out = {}
+  for section in (config, config.get('algo'), config.get('model')):  # the model's say wins
+    if hasattr(section, 'items'):
+      for key, value in section.items():
+        if isinstance(value, (bool, int, float, str)):
+          out['model_length' if key == 'length' else key] = value
+  if out.pop('as_mdlm', False):  # an MDLM trained by the IMDM code: its noise settings are unused
+    out.pop('noise_dim', None)
+    out.pop('noise_type', None)
+  return out
+
+
+def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str, int, dict[str, Any]]:
   """`state_dict` (raw) or the EMA `shadow_params` zipped with the state dict's parameter keys in
   order; buffers (not in the EMA list) come from the state dict so that they can be verified.
-  Also the EMA's update count."""
+  Also the EMA's update count and the saved hyper-parameters."""
   ckpt = _torch_load(path, weights_only=False)
   if not isinstance(ckpt, Mapping) or 'state_dict' not in ckpt:
     raise UserError(f'{path} is not a Lightning checkpoint (no "state_dict")')
   state = ckpt['state_dict']
   ema = ckpt.get('ema')
   count = int(ema.get('num_updates', 0)) if isinstance(ema, Mapping) else 0
+  hyper = hyper_parameters(ckpt)
   if raw:
-    return dict(state), 'raw weights', count
+    return dict(state), 'raw weights', count, hyper
   if not isinstance(ema, Mapping) or 'shadow_params' not in ema:
     raise UserError(f'{path} holds no EMA weights (ckpt["ema"]["shadow_params"]); pass --raw to '
                     'convert its raw weights')
@@ -139,7 +161,7 @@ def _lightning(path: str, raw: bool) -> tuple[dict[str, Any], str, int]:
       raise UserError(f'{path}: EMA tensor {i} has shape {tuple(value.shape)}, its parameter '
                       f'{name} {tuple(state[name].shape)}')
   buffers = {k: v for k, v in state.items() if k not in names}
-  return {**buffers, **dict(zip(names, shadow))}, 'EMA weights', count
+  return {**buffers, **dict(zip(names, shadow))}, 'EMA weights', count, hyper
 
 
 def _numpy(key: str, value) -> np.ndarray:
