@@ -39,6 +39,16 @@ def test_micro_study_runs_every_arm_and_resumes_without_redoing_a_stage(data_dir
   stages = [line for line in logged if line.startswith('[')]
   assert stages and all(line.endswith(')') and 'done before' in line for line in stages), stages
 
+  # the extension: a second ReDi round adds its stages and arms, and keeps everything else
+  logged.clear()
+  more = study.run(dataclasses.replace(s, reflow_rounds=2), out, 'test', log=logged.append)
+  new = [line for line in logged if line.startswith('[') and 'done before' not in line]
+  assert new == ['[couplings/mdlm/sdtt+redi] ...', '[mdlm/sdtt+redi2] ...',
+                 '[couplings/imdm/sdtt+redi] ...', '[imdm/sdtt+redi2] ...',
+                 '[samples/mdlm/sdtt+redi2] ...', '[samples/imdm/sdtt+redi2] ...'], new
+  assert list(more['arms']) == list(settings.ARMS) + ['mdlm/sdtt+redi2', 'imdm/sdtt+redi2']
+  assert all(more['arms'][a] == results['arms'][a] for a in settings.ARMS)
+
 
 def test_settings_overrides_and_refusals():
   s = settings.resolve('cpu', ['num_samples=512', 'eval_steps=1,2', 'sdtt:optim.lr=3e-5',

@@ -58,6 +58,25 @@ class Stages:
     return where
 
 
+def reflow_arm(family: str, round_: int) -> str:
+  """The SDTT -> ReDi arm after `round_` rounds of ReDi (round 1 is the paper's arm)."""
+  return f'{family}/sdtt+redi' + (str(round_) if round_ > 1 else '')
+
+
+def arms(study: Study) -> tuple[str, ...]:
+  return ARMS + tuple(reflow_arm(f, k) for f in FAMILIES for k in range(2, study.reflow_rounds + 1))
+
+
+def _same_protocol(a: dict | None, b: dict) -> bool:
+  """Arms scored under study `a` stand under `b` unless a stage or the sampling differs (more
+  reflow rounds only add arms)."""
+  def drop(d):  # compared as JSON: tuples read back as lists
+    d = {k: v for k, v in json.loads(json.dumps(d)).items() if k != 'reflow_rounds'}
+    d['sets'] = {k: v for k, v in d['sets'].items() if k != 'reflow'}
+    return d
+  return a is not None and drop(a) == drop(b)
+
+
 def _train(cfg: Config, init_from: str | None = None, program=trainer.TRAIN):
   return lambda where: trainer.train(cfg, where, init_from=init_from, program=program)
 
@@ -83,6 +102,8 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
   cfg = {f: {s: stage_config(study, f, s) for s in ('base', 'sdtt', 'redi', 'couplings')}
          for f in FAMILIES}
   cfg['imdm']['redi_only'] = stage_config(study, 'imdm', 'redi_only')
+  for f in FAMILIES:
+    cfg[f]['reflow'] = stage_config(study, f, 'reflow')
   evaluator = study.evaluator
   if '/' not in evaluator:  # a preset: trained here, on the study's data
     evaluator_cfg = stage_config(study, 'mdlm', 'evaluator')
@@ -95,12 +116,15 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
     runs[f'{f}/sdtt'] = stages.run(f'{f}/sdtt', _train(
         sdtt_cfg, runs[origin[f]], distillation.sdtt_program(sdtt_cfg)))
 
-  def rectify(arm: str, teacher: str, student_cfg: Config) -> None:
+  def rectify(arm: str, teacher: str, student_cfg: Config, stage: str = 'couplings',
+              round_: int = 1) -> None:
     """ReDi from the run `teacher` (a stage name): its couplings (made once, shared by the arms
-    that start there), then the student, initialised from the teacher."""
-    pair_cfg = cfg[teacher.split('/')[0]]['couplings']  # how many pairs, the teacher's sampler
-    pairs = stages.run(f'couplings/{teacher}',
-                       lambda where: couplings.generate(pair_cfg, runs[teacher], where))
+    that start there; round k draws fresh seeds), then the student, initialised from the
+    teacher."""
+    pair_cfg = cfg[teacher.split('/')[0]][stage]  # how many pairs, the teacher's sampler
+    offset = (round_ - 1) * pair_cfg.redi.num_pairs
+    pairs = stages.run(f'couplings/{teacher}', lambda where: couplings.generate(
+        pair_cfg, runs[teacher], where, seed_offset=offset))
     runs[arm] = stages.run(arm, _train(student_cfg, runs[teacher],
                                        distillation.redi_program(pairs)))
 
@@ -108,6 +132,8 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
   rectify('imdm/redi', origin['imdm'], cfg['imdm']['redi_only'])
   for f in FAMILIES:
     rectify(f'{f}/sdtt+redi', f'{f}/sdtt', cfg[f]['redi'])
+    for k in range(2, study.reflow_rounds + 1):  # the extension: more rounds of ReDi
+      rectify(reflow_arm(f, k), reflow_arm(f, k - 1), cfg[f]['redi'], 'reflow', k)
 
   path = os.path.join(out, 'results.json')
   results = {'command': command, 'commit': _commit(), 'study': dataclasses.asdict(study),
@@ -115,11 +141,14 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
   if os.path.exists(path):  # arms scored by an earlier, interrupted run
     with open(path) as f:
       earlier = json.load(f)
-    if earlier.get('study') == results['study']:
+    if _same_protocol(earlier.get('study'), results['study']):
       results['arms'], results['diagnostics'] = earlier['arms'], earlier.get('diagnostics', {})
-  for arm in ARMS:
+      stages.seconds = {**earlier.get('seconds', {}), **stages.seconds}
+  for arm in arms(study):
     if arm in results['arms']:
+      log(f'[samples/{arm}] done before ({path})')
       continue
+    log(f'[samples/{arm}] ...')
     t0 = time.time()
     summary = generation.run(generation.Request(
         checkpoint=runs[arm], steps=study.eval_steps, num_samples=study.num_samples,
@@ -133,11 +162,13 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
     stages.seconds[f'samples/{arm}'] = round(time.time() - t0)
     results['seconds'] = dict(stages.seconds)
     write_json_atomic(path, results)
+  results['arms'] = {a: results['arms'][a] for a in arms(study)}
   results['seconds'] = dict(stages.seconds)
   results['total_seconds'] = sum(stages.seconds.values())
   results['wall_seconds_this_call'] = round(time.time() - start)
   results['target'] = report.target(results)
   write_json_atomic(path, results)
+  results = json.loads(json.dumps(results))  # as an interrupted run reads it back
   report.render(out)
   if jax.process_index() == 0:
     log(f'done in {results["wall_seconds_this_call"]} s (stages: {results["total_seconds"]} s): '
