@@ -2,6 +2,7 @@
 
   python sample.py --checkpoint runs/default --steps 8 --num_samples 64
   python sample.py --checkpoint runs/default --steps 1,2,4,8,16,32,128 --eval --evaluator runs/ar
+  python sample.py ... --eval --evaluator runs/ar --protocol ours   # Gen PPL by our protocol
   python sample.py --checkpoint runs/default --prefix "In the beginning" --steps 32
   python sample.py --multihost ...                 # every host of a TPU pod slice / GPU cluster
 
@@ -35,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='also report the validation NELBO perplexity (if the run\'s data is here) and '
                       'Gen PPL under --evaluator')
   p.add_argument('--evaluator', default='', help='causal-LM checkpoint scoring Gen PPL (--eval)')
+  # = evaluate.PROTOCOLS (a test checks), spelled out: the model code loads after the flags parse
+  p.add_argument('--protocol', default='official', choices=('official', 'ours'),
+                 help='Gen PPL protocol (docs/sampling.md): official (the IMDM reference: literal '
+                      'special tokens, no BOS, cut at the model length) or ours (documents, BOS, '
+                      'every token scored)')
   p.add_argument('--final', default='ancestral', choices=['ancestral', 'greedy'],
                  help='last step: draw every remaining mask, or take the argmax')
   p.add_argument('--temperature', type=float, default=1.0)
@@ -63,7 +69,8 @@ def main(argv=None) -> None:
   generation.run(generation.Request(
       checkpoint=args.checkpoint, steps=steps, num_samples=args.num_samples, seed=args.seed,
       prefix=args.prefix, batch_size=args.batch_size, out=args.out,
-      evaluator=args.evaluator if args.eval else '', nelbo=args.eval, scfg=scfg))
+      evaluator=args.evaluator if args.eval else '', nelbo=args.eval, protocol=args.protocol,
+      scfg=scfg))
 
 
 if __name__ == '__main__':

@@ -1,10 +1,17 @@
 """Sample quality (docs/method.md §6): generative perplexity under a causal LM, and unigram entropy.
 
-Gen PPL protocol: decode each sample, re-tokenize it with the evaluator's tokenizer (documents
-inside a wrapped sample stay separated by the evaluator's EOS), prepend its BOS, truncate to its
-context, and score every next token; count every non-EOS token plus the first EOS; report the
-corpus-level `exp(sum NLL / sum counted tokens)`. Entropy: the unigram entropy (nats) of each
-sample's tokens, averaged — low entropy with low Gen PPL means degenerate repetition.
+Two Gen PPL protocols (docs/sampling.md), both reporting the corpus-level
+`exp(sum NLL / sum counted tokens)`:
+- `official` (the IMDM reference's `Metrics.record_generative_perplexity`): decode each sample
+  whole, special tokens kept as literal text; re-tokenize with the evaluator's tokenizer (no BOS),
+  truncated at the diffusion model's length in evaluator tokens and EOS-padded to the longest text
+  of its sampling batch; score chunks of the evaluator's context, each chunk's first token
+  unscored; count every non-EOS target plus a target that is the chunk's first EOS.
+- `ours`: decode each sample dropping special tokens, split at EOS into documents, re-tokenize
+  them joined by the evaluator's EOS, prepend its BOS, truncate to its context, and score every
+  next token; count every non-EOS target plus the first EOS target.
+Entropy: the unigram entropy (nats) of each sample's tokens, averaged — low entropy with low
+Gen PPL means degenerate repetition.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from imdm_jax import gpt2, init_from, sharding, train_state
 from imdm_jax.config import Config
 from imdm_jax.data import store, tokenizers
 from imdm_jax.errors import UserError
+
+PROTOCOLS = ('official', 'ours')  # how samples become the evaluator's scored tokens
 
 
 def sample_entropies(ids: np.ndarray) -> np.ndarray:
@@ -69,6 +78,41 @@ def split_documents(ids, tok: tokenizers.Tokenizer) -> list[str]:
   return [tok.decode(d) for d in docs if d]
 
 
+def check_protocol(protocol: str) -> None:
+  if protocol not in PROTOCOLS:
+    raise UserError(f'unknown Gen PPL protocol {protocol!r}; known: {", ".join(PROTOCOLS)}')
+
+
+def sample_texts(ids: np.ndarray, tok: tokenizers.Tokenizer, protocol: str) -> list:
+  """What `Evaluator.score_samples(..., protocol)` scores, from sample ids `[N, L]`: `ours`, each
+  sample's document texts; `official`, each sample's whole text, special tokens written literally
+  (what the reference's `tokenizer.batch_decode(samples)` gives)."""
+  check_protocol(protocol)
+  if protocol == 'ours':
+    return [split_documents(row, tok) for row in ids]
+  return [tok.decode([int(i) for i in row], keep_special=True) for row in ids]
+
+
+def pad_groups(ids: list[list[int]], group: int, pad_id: int) -> list[list[int]]:
+  """Each token list padded with `pad_id` to the longest of its group of `group` consecutive lists
+  (0: one group of all)."""
+  group = group or max(len(ids), 1)
+  out = []
+  for start in range(0, len(ids), group):
+    width = max(len(t) for t in ids[start:start + group])
+    out += [t + [pad_id] * (width - len(t)) for t in ids[start:start + group]]
+  return out
+
+
+def official_counted(chunk: np.ndarray, eos_id: int) -> np.ndarray:
+  """The targets `chunk[1:]` that count under the official protocol, from a chunk `[W]` -> `[W-1]`:
+  every non-EOS token, and the chunk's first EOS — found over the whole chunk, so an EOS in the
+  unscored first position takes that role and no EOS target counts."""
+  is_eos = chunk == eos_id
+  first_eos = is_eos & (np.cumsum(is_eos) == 1)
+  return (~is_eos | first_eos)[1:]
+
+
 @dataclasses.dataclass
 class Evaluator:
   """A causal LM with its tokenizer: `score(texts)` gives Gen PPL over them."""
@@ -103,15 +147,60 @@ class Evaluator:
       counted[n, :len(targets)] = (~is_eos | first_eos).astype(np.float32)
     return rows, counted
 
-  def score(self, samples: list[list[str]], batch_size: int = 0) -> tuple[float, float, int]:
-    """(Gen PPL, total NLL, counted tokens) of samples given as lists of document texts."""
-    nll, counted = self.score_samples(samples, batch_size)
+  def encode_official(self, texts: list[str], model_length: int,
+                      group: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The official protocol's token rows `[R, C]` (EOS-padded), the mask `[R, C-1]` of the targets
+    that count, and the text each row belongs to `[R]`. Each text is tokenized without BOS and cut
+    at `model_length` tokens; each `group` of texts (0: all) is EOS-padded to its longest, as the
+    reference tokenizes a sampling batch in one padded call; a padded text is scored in chunks of
+    the evaluator's context C (one chunk unless `model_length > C`)."""
+    if model_length < 1:
+      raise UserError(f'the official Gen PPL protocol needs the model length, got {model_length}')
+    tok, ctx = self.tokenizer, self.cfg.data.seq_len
+    ids = pad_groups([t[:model_length] for t in tok.encode(texts, keep_special=True)], group,
+                     tok.eos_id)
+    chunks = [(n, row, mask) for n, t in enumerate(ids) for row, mask in self._official_chunks(t)]
+    return (np.array([c[1] for c in chunks], np.int32).reshape(-1, ctx),
+            np.array([c[2] for c in chunks], np.float32).reshape(-1, ctx - 1),
+            np.array([c[0] for c in chunks], np.int64))
+
+  def _official_chunks(self, padded: list[int]):
+    """(row `[C]`, counted `[C-1]`) for each context-sized chunk of one padded text: the reference
+    splits the padded batch along its length (`torch.split(..., eval_context_size)`); our rows are
+    EOS-padded to C, and the padding's targets never count."""
+    ctx, eos = self.cfg.data.seq_len, self.tokenizer.eos_id
+    for c in range(0, len(padded), ctx):
+      chunk = np.asarray(padded[c:c + ctx], np.int32)
+      row = np.full(ctx, eos, np.int32)
+      row[:len(chunk)] = chunk
+      mask = np.zeros(ctx - 1, np.float32)
+      mask[:len(chunk) - 1] = official_counted(chunk, eos)
+      yield row, mask
+
+  def score(self, samples: list, batch_size: int = 0, **protocol) -> tuple[float, float, int]:
+    """(Gen PPL, total NLL, counted tokens) of samples (as `score_samples` takes them)."""
+    nll, counted = self.score_samples(samples, batch_size, **protocol)
     return gen_ppl(nll, counted), float(np.sum(nll)), int(np.sum(counted))
 
-  def score_samples(self, samples: list[list[str]],
-                    batch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: the NLL summed over its counted tokens `[N]`, and their number `[N]`."""
-    rows, counted = self.encode(samples)
+  def score_samples(self, samples: list, batch_size: int = 0, protocol: str = 'ours',
+                    model_length: int = 0, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the NLL summed over its counted tokens `[N]`, and their number `[N]`. `ours`:
+    samples as lists of document texts; `official`: one text per sample (`sample_texts`), with the
+    diffusion model's length and its sampling batch (`encode_official`)."""
+    check_protocol(protocol)
+    if protocol == 'ours':
+      return self._score_rows(*self.encode(samples), batch_size)
+    rows, counted, owner = self.encode_official(samples, model_length, group)
+    nll, count = self._score_rows(rows, counted, batch_size)
+    return (np.bincount(owner, nll, minlength=len(samples)),  # a text's chunks summed: [N]
+            np.bincount(owner, count, minlength=len(samples)))
+
+  def _score_rows(self, rows: np.ndarray, counted: np.ndarray,
+                  batch_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per row `[R, C]`: the NLL summed over its counted targets (`counted` `[R, C-1]`) `[R]`, and
+    their number `[R]`."""
+    if not len(rows):  # official: texts that all tokenize to nothing leave no row
+      return np.zeros(0), np.zeros(0)
     n_dev = self.mesh.devices.size
     batch_size = batch_size or max(n_dev, 8)
     batch_size = -(-batch_size // n_dev) * n_dev

@@ -38,6 +38,7 @@ class Request:
   out: str = ''  # default: <run>/samples
   evaluator: str = ''  # a causal-LM checkpoint for Gen PPL
   nelbo: bool = False  # also the validation NELBO perplexity of the checkpoint
+  protocol: str = 'official'  # how Gen PPL reads the samples (evaluate.PROTOCOLS, docs/sampling.md)
   scfg: sampler.SamplerConfig = sampler.SamplerConfig()
 
 
@@ -55,6 +56,7 @@ def prefix_ids(cfg: Config, tok, prefix: str) -> list[int]:
 
 
 def _check(req: Request, n_dev: int) -> int:
+  evaluate.check_protocol(req.protocol)
   if not req.steps or min(req.steps) < 1:
     raise UserError(f'--steps must be >= 1, got {",".join(map(str, req.steps))}')
   if req.batch_size < 0:
@@ -113,7 +115,9 @@ def run(req: Request) -> dict:
            'entropy_ci': evaluate.bootstrap_interval(np.mean, (entropies,)),
            'network_calls_per_batch': nfe / (req.num_samples // batch), 'samples': path}
     if evaluator is not None:  # on every process: the scorer is one program over all devices
-      nll, counted = evaluator.score_samples(docs)
+      # official: each text cut at the model length in evaluator tokens, padded per sampling batch
+      nll, counted = evaluator.score_samples(evaluate.sample_texts(ids, tok, req.protocol),
+                                             protocol=req.protocol, model_length=L, group=batch)
       row['gen_ppl'] = evaluate.gen_ppl(nll, counted)
       row['gen_ppl_ci'] = evaluate.bootstrap_interval(evaluate.gen_ppl, (nll, counted))
       row['scored_tokens'] = int(counted.sum())
@@ -122,12 +126,13 @@ def run(req: Request) -> dict:
     for d in docs[:2]:
       say('  > ' + ' / '.join(d)[:300])
   summary = {'checkpoint': os.path.abspath(req.checkpoint), 'seed': req.seed, 'prefix': req.prefix,
-             'evaluator': req.evaluator, 'sampler': dataclasses.asdict(req.scfg), 'results': results}
+             'evaluator': req.evaluator, 'gen_ppl_protocol': req.protocol,
+             'sampler': dataclasses.asdict(req.scfg), 'results': results}
   if req.nelbo:
     summary['val_nelbo_ppl'] = _validation_nelbo(cfg, graphdef, mesh, params, say)
   if is_main:
     files.write_atomic(os.path.join(out, 'metrics.json'), json.dumps(summary, indent=2))
-    files.write_atomic(os.path.join(out, 'metrics.md'), _table(results))
+    files.write_atomic(os.path.join(out, 'metrics.md'), _table(results, req.protocol))
     _plot(results, os.path.join(out, 'metrics.png'))
   return summary
 
@@ -154,8 +159,9 @@ def _show(key: str, value) -> str:
   return f'{key} {value}'
 
 
-def _table(results: list[dict]) -> str:
-  lines = ['Gen PPL and entropy with 95 % bootstrap intervals over samples.', '',
+def _table(results: list[dict], protocol: str) -> str:
+  lines = ['Gen PPL and entropy with 95 % bootstrap intervals over samples; Gen PPL under the '
+           f'`{protocol}` protocol (docs/sampling.md).', '',
            '| steps | Gen PPL | entropy | network calls |', '|---|---|---|---|']
   for r in results:
     ppl = (f'{r["gen_ppl"]:.2f} [{r["gen_ppl_ci"][0]:.2f}, {r["gen_ppl_ci"][1]:.2f}]'

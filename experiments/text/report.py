@@ -40,7 +40,8 @@ def markdown(results: dict) -> str:
   steps = sorted({s for scores in arms.values() for s in scores}, key=int)
   lines = [f'Command: `{results["command"]}`' + (f' at commit `{results["commit"]}`'
                                                   if results.get('commit') else ''), '',
-           f'Gen PPL under the evaluator `{results["evaluator"]}` [95 % bootstrap interval] / '
+           f'Gen PPL under the evaluator `{results["evaluator"]}` (protocol '
+           f'`{results["study"].get("gen_ppl_protocol", "ours")}`) [95 % bootstrap interval] / '
            f'unigram entropy (nats); {results["study"]["num_samples"]} samples per cell, the same '
            f'seeds in every arm.', '',
            '| arm | ' + ' | '.join(f'{s} step{"s" * (s != "1")}' for s in steps) + ' |',

@@ -43,6 +43,10 @@ class Study:
   imdm_start: str = 'mdlm'
   eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 128)
   num_samples: int = 256  # per cell; the same seeds in every arm
+  # docs/sampling.md: 'official' (the IMDM code's: literal special tokens, no BOS) for GPT-2
+  # evaluators; 'ours' for an evaluator trained here, which knows our BOS/EOS and no literal
+  # special-token text
+  gen_ppl_protocol: str = 'ours'
   sample_batch: int = 64
   seed: int = 0
 
@@ -146,7 +150,7 @@ def lm1b() -> Study:
   sets = _paper(sdtt_batch=32, datagen_batch=128)
   sets.update({'mdlm': (), 'imdm': ('train.num_steps=100000',)})
   return Study(mdlm='lm1b-small', imdm='lm1b-small-imdm', evaluator='runs/gpt2-large', sets=sets,
-               num_samples=1024, sample_batch=64)
+               num_samples=1024, sample_batch=64, gen_ppl_protocol='official')
 
 
 @_preset
@@ -159,7 +163,7 @@ def owt() -> Study:
   sets = _paper(sdtt_batch=128, datagen_batch=32)
   sets.update({'mdlm': (), 'imdm': ('train.num_steps=100000',)})
   return Study(mdlm='owt-small', imdm='owt-small-imdm', evaluator='runs/gpt2-large', sets=sets,
-               num_samples=1024, sample_batch=32)
+               num_samples=1024, sample_batch=32, gen_ppl_protocol='official')
 
 
 def _parse_scalar(field: dataclasses.Field, text: str):
@@ -196,6 +200,8 @@ def resolve(name: str, overrides: list[str]) -> Study:
   if study.num_samples < 1 or study.sample_batch < 1 or study.num_samples % study.sample_batch:
     raise UserError(f'num_samples={study.num_samples} must be a positive multiple of '
                     f'sample_batch={study.sample_batch}')
+  if study.gen_ppl_protocol not in ('official', 'ours'):
+    raise UserError(f'gen_ppl_protocol={study.gen_ppl_protocol!r}: expected official or ours')
   if study.reflow_rounds < 1:
     raise UserError(f'reflow_rounds={study.reflow_rounds}: expected >= 1')
   if study.imdm_start not in ('mdlm', 'imdm'):

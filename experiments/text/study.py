@@ -72,6 +72,7 @@ def _same_protocol(a: dict | None, b: dict) -> bool:
   reflow rounds only add arms)."""
   def drop(d):  # compared as JSON: tuples read back as lists
     d = {k: v for k, v in json.loads(json.dumps(d)).items() if k != 'reflow_rounds'}
+    d.setdefault('gen_ppl_protocol', 'ours')  # results from before the field scored by ours
     d['sets'] = {k: v for k, v in d['sets'].items() if k != 'reflow'}
     return d
   return a is not None and drop(a) == drop(b)
@@ -153,7 +154,7 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
     summary = generation.run(generation.Request(
         checkpoint=runs[arm], steps=study.eval_steps, num_samples=study.num_samples,
         seed=study.seed, batch_size=study.sample_batch, out=stages.dir(f'samples/{arm}'),
-        evaluator=evaluator, scfg=sampler.SamplerConfig()))
+        evaluator=evaluator, scfg=sampler.SamplerConfig(), protocol=study.gen_ppl_protocol))
     results['arms'][arm] = {str(r['steps']): {k: r[k] for k in (
         'gen_ppl', 'gen_ppl_ci', 'entropy', 'entropy_ci', 'network_calls_per_batch')}
         for r in summary['results']}

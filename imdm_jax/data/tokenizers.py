@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Iterable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import sentencepiece as spm
 
@@ -27,11 +27,51 @@ class Tokenizer(Protocol):
   unk_id: int | None  # the id of text the vocabulary cannot encode (None: it encodes any text)
   name: str  # identifies the vocabulary (used in cache keys)
 
-  def encode(self, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without BOS/EOS."""
+  def encode(self, texts: list[str], keep_special: bool = False) -> list[list[int]]:
+    """Token ids of each text, without BOS/EOS. `keep_special`: the literal text of a special token
+    (`<|endoftext|>`, `[SEP]`, `</s>`) is read as that token, as Hugging Face tokenizers read it."""
 
-  def decode(self, ids: list[int]) -> str:
-    """Text of ids; special tokens (BOS/EOS/pad/mask) are dropped."""
+  def decode(self, ids: list[int], keep_special: bool = False) -> str:
+    """Text of ids; special tokens (BOS/EOS/pad/mask) are dropped, or with `keep_special` written
+    as their literal text (the official Gen PPL protocol scores that text)."""
+
+
+def split_special(text: str, literal: dict[str, int]) -> list[str | int]:
+  """`text` cut at the literal special tokens `literal` (text -> id): its plain pieces (non-empty)
+  and the special ids, in order. Longer literals first, so one that holds another wins."""
+  if not literal:
+    return [text] if text else []
+  pattern = '|'.join(re.escape(s) for s in sorted(literal, key=len, reverse=True))
+  parts = re.split(f'({pattern})', text)  # odd positions: the literals matched
+  return [literal[p] if k % 2 else p for k, p in enumerate(parts) if k % 2 or p]
+
+
+def encode_keeping_special(texts: list[str], literal: dict[str, int],
+                           encode: Callable[[list[str]], list[list[int]]]) -> list[list[int]]:
+  """Each text's ids: its plain pieces through `encode`, its literal special tokens as their ids."""
+  out = []
+  for text in texts:
+    parts = split_special(text, literal)
+    plain = iter(encode([p for p in parts if isinstance(p, str)]))
+    out.append([i for p in parts for i in ([p] if isinstance(p, int) else next(plain))])
+  return out
+
+
+def decode_keeping_special(ids: list[int], literal: dict[int, str],
+                           decode_run: Callable[[list[int], bool], str], sep: str = '') -> str:
+  """The text of ids with each special id in `literal` (id -> text) written as its text: the runs
+  of other ids go through `decode_run(run, at_start)`; the parts are joined by `sep`."""
+  parts, run = [], []
+  for i in [int(i) for i in ids] + [None]:
+    if i is not None and i not in literal:
+      run.append(i)
+      continue
+    if run:
+      parts.append(decode_run(run, not parts))
+      run = []
+    if i is not None:
+      parts.append(literal[i])
+  return sep.join(parts)
 
 
 class SentencePieceTokenizer:
@@ -46,12 +86,29 @@ class SentencePieceTokenizer:
     with open(model_path, 'rb') as f:
       self.name = f'sp-{hashlib.sha1(f.read()).hexdigest()[:10]}'
 
-  def encode(self, texts: list[str]) -> list[list[int]]:
+  @property
+  def _literal(self) -> dict[int, str]:
+    """The text of each special id: sentencepiece's own pieces (`<s>`, `</s>`, `<pad>`), and
+    `[MASK]` for the mask appended after the trained vocabulary."""
+    ids = (self.bos_id, self.eos_id, self.pad_id)
+    return {**{i: self._sp.id_to_piece(i) for i in ids}, self.mask_id: '[MASK]'}
+
+  def encode(self, texts: list[str], keep_special: bool = False) -> list[list[int]]:
+    if keep_special:  # sentencepiece itself reads `</s>` as the bytes `<`, `/`, `s`, `>`
+      literal = {text: i for i, text in self._literal.items()}
+      return encode_keeping_special(texts, literal, self._sp.encode)
     return self._sp.encode(texts)
 
-  def decode(self, ids: list[int]) -> str:
+  def decode(self, ids: list[int], keep_special: bool = False) -> str:
+    if keep_special:
+      return decode_keeping_special(ids, self._literal, self._decode_run)
     special = {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
     return self._sp.decode([int(i) for i in ids if int(i) not in special])
+
+  def _decode_run(self, run: list[int], at_start: bool) -> str:
+    """Sentencepiece drops the space (`▁`) that opens a decoded run; inside a text it is real."""
+    text = self._sp.decode(run)
+    return text if at_start or not self._sp.id_to_piece(run[0]).startswith('▁') else ' ' + text
 
 
 MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece drops longer inputs (`max_sentence_length`)
