@@ -71,9 +71,11 @@ def _damage_data(step_dir):
 
 @pytest.mark.parametrize('damage', [
     _damage_data,
-    lambda step_dir: os.remove(os.path.join(step_dir, 'state', '_METADATA')),
+    pytest.param(lambda step_dir: os.remove(os.path.join(step_dir, 'state', '_METADATA')),
+                 marks=pytest.mark.slow),
     lambda step_dir: _truncate(os.path.join(step_dir, 'config', 'metadata')),
-    lambda step_dir: shutil.rmtree(os.path.join(step_dir, 'state')),
+    pytest.param(lambda step_dir: shutil.rmtree(os.path.join(step_dir, 'state')),
+                 marks=pytest.mark.slow),
 ], ids=['truncated-data', 'no-state-metadata', 'truncated-config', 'no-state'])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data_dir, damage):
   """The latest checkpoint damaged on disk: the rerun names it, sets it aside as STEP.damaged
