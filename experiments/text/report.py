@@ -10,11 +10,12 @@ from experiments.text.settings import ARMS
 # The target (issue #17): after SDTT -> ReDi, IMDM's 2-step Gen PPL at most half of MDLM's, with
 # unigram entropy within 5 % and non-overlapping 95 % intervals; the two within 10 % at 16 steps.
 FEW, MANY = '2', '16'
+TARGET_ARMS = ('mdlm/sdtt+redi', 'imdm/sdtt+redi')
 
 
 def target(results: dict) -> dict | None:
   arms = results['arms']
-  mdlm, imdm = arms.get('mdlm/sdtt+redi'), arms.get('imdm/sdtt+redi')
+  mdlm, imdm = (arms.get(a) for a in TARGET_ARMS)
   if not mdlm or not imdm or FEW not in mdlm or MANY not in mdlm:
     return None
   m, i = mdlm[FEW], imdm[FEW]

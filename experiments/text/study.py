@@ -145,7 +145,9 @@ def run(study: Study, out: str, command: str, log=print) -> dict:
     if _same_protocol(earlier.get('study'), results['study']):
       results['arms'], results['diagnostics'] = earlier['arms'], earlier.get('diagnostics', {})
       stages.seconds = {**earlier.get('seconds', {}), **stages.seconds}
-  for arm in arms(study):
+  # the target's two arms first: an interrupted study has its headline comparison soonest
+  order = sorted(arms(study), key=lambda a: a not in report.TARGET_ARMS)
+  for arm in order:
     if arm in results['arms']:
       log(f'[samples/{arm}] done before ({path})')
       continue
