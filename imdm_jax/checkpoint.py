@@ -73,11 +73,7 @@ class Checkpointer:
   def _check_structure(self, step: int, abstract_state) -> None:
     """Refuses, in one line, a checkpoint whose state is not the kind this program resumes (a
     train run's given to SDTT, one written before a field was added) instead of orbax's error."""
-    path = os.path.join(self.directory, str(step), 'state')
-    try:
-      saved = ocp.StandardCheckpointer().metadata(path).item_metadata
-    except (FileNotFoundError, ValueError, AttributeError) as e:
-      raise UserError(f'{path}: unreadable checkpoint metadata ({type(e).__name__})') from None
+    saved = self._state_metadata(step)
     names = lambda tree: {sharding.path_str(p) for p, _ in
                           jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)}
     missing = sorted(names(abstract_state) - names(dict(saved)))
@@ -127,9 +123,13 @@ class Checkpointer:
     """The top-level fields of the state saved at `step`: what kind of run wrote it (a
     `TrainState`'s `ema`, `params`, ...; SDTT's `student`, `teacher`, `round`)."""
     step = self.latest_step() if step is None else step
+    return set(self._state_metadata(step).keys())
+
+  def _state_metadata(self, step: int):
+    """The saved state's tree of array metadata, read without the arrays."""
     path = os.path.join(self.directory, str(step), 'state')
     try:
-      return set(ocp.StandardCheckpointer().metadata(path).item_metadata.keys())
+      return ocp.StandardCheckpointer().metadata(path).item_metadata
     except (FileNotFoundError, ValueError, AttributeError) as e:
       raise UserError(f'{path}: unreadable checkpoint metadata ({type(e).__name__})') from None
 
